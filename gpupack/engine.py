@@ -1,0 +1,516 @@
+"""The run loop: probe -> reap -> policy -> launch -> record -> render, and the signals.
+
+A tick happens when a child exits (SIGCHLD wakes the loop through a self-pipe) or every
+`poll_s` seconds. On the allocation's warning signal (USR1), SIGTERM or SIGINT the engine stops
+launching, forwards the preempt signal to every running experiment, waits for them until the
+grace period is over, kills what is left, records them interrupted, asks Slurm to requeue the
+job when work is left, and exits 3. A second signal skips the rest of the grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from . import policy, recovery
+from .gpus import GpuInfo, GpuProbe, Reading
+from .launch import Handle, LaunchSpec, Launcher, experiment_env
+from .manifest import Experiment, Manifest
+from .outcome import judge
+from .policy import GpuKey, Occupant, State
+from .store import (
+    A_FAILED,
+    A_INTERRUPTED,
+    A_SUCCEEDED,
+    FAILED,
+    INTERRUPTED,
+    PENDING,
+    RUNNING,
+    SKIPPED,
+    SUCCEEDED,
+    ExperimentRow,
+    Store,
+)
+from .units import format_bytes, format_duration
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
+MAX_OOM_RETRIES = 3
+OOM_GROWTH = 1.25
+
+_TO_POLICY = {
+    PENDING: State.PENDING,
+    INTERRUPTED: State.PENDING,
+    RUNNING: State.RUNNING,
+    SUCCEEDED: State.SUCCEEDED,
+    FAILED: State.FAILED,
+    SKIPPED: State.SKIPPED,
+}
+
+
+@dataclass
+class RunOptions:
+    poll_s: float = 5.0
+    grace_s: float = 60.0
+    headroom_bytes: int = 0
+    preempt_signal: int = signal.SIGUSR2
+    sample_every_s: float = 5.0
+    max_requeues: int = 10
+
+
+@dataclass
+class Running:
+    exp: Experiment
+    handle: Handle
+    attempt_id: int
+    attempt: int
+    gpus: tuple[GpuKey, ...]
+    budget_bytes: int | None
+    started_at: float
+    peak_bytes: int = 0
+    util_sum: float = 0.0
+    util_n: int = 0
+
+
+@dataclass
+class Hooks:
+    """What the engine needs from the world besides GPUs and launching (Slurm or nothing)."""
+
+    time_left: Callable[[float], float | None] = lambda now: None
+    requeue: Callable[[], str | None] = lambda: None  # returns what was done, for the log
+    cpus_per_node: Mapping[str, int] | None = None
+    job_id: str | None = None
+
+
+@dataclass
+class Engine:
+    manifest: Manifest
+    store: Store
+    probe: GpuProbe
+    launcher: Launcher
+    inventory: list[GpuInfo]
+    options: RunOptions = field(default_factory=RunOptions)
+    hooks: Hooks = field(default_factory=Hooks)
+    on_tick: Callable[[float], None] = lambda now: None
+    clock: Callable[[], float] = time.time
+
+    def __post_init__(self) -> None:
+        self.by_name = {e.name: e for e in self.manifest.experiments}
+        self.states: dict[str, str] = {}
+        self.running: dict[str, Running] = {}
+        self.failures: dict[str, int] = {}  # failed attempts in this run (retries are per run)
+        self.oom_retries: dict[str, int] = {}
+        self.mem_override: dict[str, int] = {}  # budgets raised after a CUDA OOM
+        self.stop_reason: str | None = None
+        self.signals_seen = 0
+        self.run_id: int | None = None
+        self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
+        self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
+        self._last_sample = 0.0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Sync the manifest into the store, say what is skipped or changed, recover survivors."""
+        now = self.clock()
+        rows = [_row(e) for e in self.manifest.experiments]
+        changes = self.store.sync_experiments(rows)
+        self.run_id = self.store.begin_run(
+            os.getpid(), socket.gethostname(), self.hooks.job_id, _gpus_text(self.inventory), now
+        )
+        self.store.set_meta(
+            {
+                "run_name": self.manifest.name,
+                "manifest": str(self.manifest.path),
+                "job_id": self.hooks.job_id or "",
+                "gpus": _gpus_json(self.inventory),
+            }
+        )
+        for name, change in changes.items():
+            if change == "changed":
+                self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
+        for found in recovery.recover(self.store, self.by_name, now):
+            self._event(found.kind, found.name, found.message)
+            exp = self.by_name.get(found.name)
+            if found.handle is not None and exp is not None:
+                a = found.attempt
+                keys = tuple((a.node, i) for i in a.gpus)
+                self.running[found.name] = Running(exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at)
+        rows_now = {r.name: r for r in self.store.experiments() if r.in_manifest}
+        again: dict[str, tuple[str, str | None]] = {}
+        for name, row in rows_now.items():
+            if row.state in (FAILED, SKIPPED):
+                again[name] = (PENDING, f"{row.state} in an earlier run; trying again")
+        if again:
+            self.store.set_states(again)
+        self.states = {r.name: r.state for r in self.store.experiments() if r.in_manifest}
+        for name, row in rows_now.items():
+            if name in again:
+                self.states[name] = PENDING
+        done = sum(1 for s in self.states.values() if s == SUCCEEDED)
+        interrupted = sum(1 for s in self.states.values() if s == INTERRUPTED)
+        parts = [f"{len(self.states)} experiments on {len(self.inventory)} GPUs"]
+        if done:
+            parts.append(f"{done} already succeeded (skipped)")
+        if interrupted:
+            parts.append(f"{interrupted} interrupted (they resume)")
+        if again:
+            parts.append(f"{len(again)} failed or skipped earlier (tried again)")
+        self._event("info", None, "run started: " + ", ".join(parts))
+        try:
+            shutil.copyfile(self.manifest.path, self.manifest.run_dir / "manifest.yaml")
+        except OSError as exc:
+            self._event("warn", None, f"could not copy the manifest into the run directory: {exc}")
+
+    # --- signals ---------------------------------------------------------------------------
+
+    def install_signals(self) -> dict[int, Any]:
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
+            previous[sig] = signal.signal(sig, self._on_signal)
+        previous[-1] = signal.set_wakeup_fd(self._wake_w)
+        return previous
+
+    @staticmethod
+    def restore_signals(previous: dict[int, Any]) -> None:
+        signal.set_wakeup_fd(previous.pop(-1))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGCHLD:
+            return  # the wake-up fd already woke the loop
+        self.signals_seen += 1
+        if self.stop_reason is None:
+            self.stop_reason = {
+                signal.SIGUSR1: "allocation ending (USR1)",
+                signal.SIGTERM: "terminated (TERM)",
+                signal.SIGINT: "interrupted (INT)",
+                signal.SIGHUP: "hung up (HUP)",
+            }.get(signum, f"signal {signum}")
+
+    def _sleep(self, timeout_s: float) -> None:
+        if self.stop_reason is not None and timeout_s > 0.2:
+            timeout_s = 0.2
+        try:
+            select.select([self._wake_r], [], [], max(0.0, timeout_s))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        while True:
+            now = self.clock()
+            reading = self.probe.read(self._occupants(now, None))
+            self._account(reading, now)
+            self._reap(now)
+            if self.stop_reason is not None:
+                return self._shutdown()
+            self._mark_doomed()
+            decision = policy.place(
+                self._requests(),
+                {n: _TO_POLICY[s] for n, s in self.states.items()},
+                reading.gpus,
+                list(self._occupants(now, reading).values()),
+                now,
+                policy.Limits(
+                    headroom_bytes=self.options.headroom_bytes,
+                    cpus_per_node=self.hooks.cpus_per_node,
+                    time_left_s=self.hooks.time_left(now),
+                ),
+            )
+            for placement in decision.placements:
+                self._launch(placement, now)
+            self.on_tick(now)
+            if not self.running and not decision.placements:
+                return self._finish(decision)
+            adopted = any(r.handle.popen is None for r in self.running.values())
+            self._sleep(min(self.options.poll_s, 1.0) if adopted else self.options.poll_s)
+
+    def _requests(self) -> list[policy.Request]:
+        return [request_for(e, self._budget(e)) for e in self.manifest.experiments]
+
+    def _budget(self, exp: Experiment) -> int | None:
+        raised = self.mem_override.get(exp.name)
+        if raised is not None:
+            return raised if exp.mem_bytes is None else max(raised, exp.mem_bytes)
+        return exp.mem_bytes
+
+    def _occupants(self, now: float, reading: Reading | None) -> dict[str, Occupant]:
+        occupants: dict[str, Occupant] = {}
+        for name, r in self.running.items():
+            observed = 0
+            if reading is not None:
+                observed = max(reading.usage.get(name, {}).values(), default=0)
+            budget = r.budget_bytes
+            if budget is not None and r.peak_bytes > budget:
+                budget = r.peak_bytes  # seen using more than declared: budget at the observed peak
+            occupants[name] = Occupant(
+                name=name,
+                gpus=r.gpus,
+                budget_bytes=budget,
+                exclusive=r.exp.exclusive,
+                observed_bytes=observed,
+                cpus=r.exp.cpus,
+                node=self.inventory[0].node if self.inventory else "",
+                expected_end_s=(r.started_at + r.exp.time_s) if r.exp.time_s is not None else None,
+            )
+        return occupants
+
+    def _account(self, reading: Reading, now: float) -> None:
+        """Per-experiment peak memory and utilization; GPU samples every sample_every_s."""
+        util = {g.key: g.util_percent for g in reading.gpus}
+        for name, r in self.running.items():
+            used = reading.usage.get(name, {})
+            if used:
+                peak = max(used.values())
+                if r.budget_bytes is not None and peak > r.budget_bytes and r.peak_bytes <= r.budget_bytes:
+                    self._event(
+                        "warn", name,
+                        f"{name} uses {format_bytes(peak)}, above its declared mem {format_bytes(r.budget_bytes)}",
+                    )
+                r.peak_bytes = max(r.peak_bytes, peak)
+            readings = [util[k] for k in r.gpus if util.get(k) is not None]
+            if readings:
+                r.util_sum += sum(readings) / len(readings)  # type: ignore[arg-type]
+                r.util_n += 1
+        if now - self._last_sample >= self.options.sample_every_s:
+            self._last_sample = now
+            self.store.add_gpu_samples(
+                now,
+                [
+                    (g.node, g.index, g.util_percent, None if g.free_bytes is None else g.total_bytes - g.free_bytes, g.total_bytes)
+                    for g in reading.gpus
+                ],
+            )
+            self.store.record_usage(
+                {
+                    r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
+                    for r in self.running.values()
+                }
+            )
+
+    # --- launch and reap ------------------------------------------------------------------
+
+    def _launch(self, placement: policy.Placement, now: float) -> None:
+        exp = self.by_name[placement.name]
+        keys = tuple((placement.node, i) for i in placement.gpus)
+        cuda_ids = tuple(self.cuda_ids[k] for k in keys)
+        number = self.store.next_attempt_number(exp.name)
+        previous = self.store.attempts(exp.name)
+        resume = bool(previous) and previous[-1].state == A_INTERRUPTED
+        log_path = exp.out_dir / f"attempt-{number}.log"
+        budget = self._budget(exp)
+        attempt_id = self.store.begin_attempt(
+            exp.name, number, self.run_id, placement.node, placement.gpus, str(log_path), budget, now
+        )
+        env = experiment_env(
+            os.environ, exp.env, name=exp.name, run_dir=self.manifest.run_dir, out_dir=exp.out_dir,
+            attempt=number, resume=resume, cuda_ids=cuda_ids,
+        )
+        spec = LaunchSpec(exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus)
+        try:
+            exp.out_dir.mkdir(parents=True, exist_ok=True)
+            handle = self.launcher.launch(spec)
+        except OSError as exc:
+            self.store.end_attempt(attempt_id, A_FAILED, None, now, FAILED, f"could not start: {exc}")
+            self.states[exp.name] = FAILED
+            self._event("fail", exp.name, f"{exp.name} could not start: {exc}")
+            return
+        self.store.attempt_launched(attempt_id, handle.pgid)
+        self.states[exp.name] = RUNNING
+        self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now)
+        where = _where(placement)
+        extra = ", resuming" if resume else ""
+        self._event("start", exp.name, f"{exp.name} started on {where} (attempt {number}{extra})")
+
+    def _reap(self, now: float) -> None:
+        for name in list(self.running):
+            r = self.running[name]
+            ended, code = r.handle.poll()
+            if ended:
+                self._ended(r, code, now, interrupted=False)
+
+    def _ended(self, r: Running, code: int | None, now: float, interrupted: bool) -> None:
+        name, exp = r.exp.name, r.exp
+        del self.running[name]
+        self.store.record_usage({r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)})
+        took = format_duration(now - r.started_at)
+        where = _where_keys(r.gpus)
+        outcome = judge(code, exp.outputs, exp.workdir, r.handle.exit_file.with_suffix(""))
+        if outcome.succeeded:
+            self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED)
+            self.states[name] = SUCCEEDED
+            self._event("finish", name, f"{name} succeeded in {took} on {where}")
+            return
+        if interrupted:
+            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.stop_reason)
+            self.states[name] = INTERRUPTED
+            self._event("interrupt", name, f"{name} interrupted after {took} on {where}")
+            return
+        log = r.handle.exit_file.with_suffix("")
+        if outcome.oom and self.oom_retries.get(name, 0) < MAX_OOM_RETRIES and exp.gpus > 0:
+            total = min(self.total_bytes[k] for k in r.gpus) if r.gpus else 0
+            current = r.budget_bytes if r.budget_bytes is not None else total
+            raised = min(total, int(max(r.peak_bytes, current) * OOM_GROWTH))
+            if raised > current:
+                self.oom_retries[name] = self.oom_retries.get(name, 0) + 1
+                self.mem_override[name] = raised
+                self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, "CUDA out of memory; retrying", oom=True)
+                self.states[name] = PENDING
+                self._event(
+                    "oom", name,
+                    f"{name} ran out of GPU memory after {took} on {where}; retrying with mem {format_bytes(raised)}",
+                )
+                return
+        self.failures[name] = self.failures.get(name, 0) + 1
+        if self.failures[name] <= exp.retries:
+            why = f"{outcome.reason}; retry {self.failures[name]} of {exp.retries}"
+            self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, why, oom=outcome.oom)
+            self.states[name] = PENDING
+            self._event("retry", name, f"{name} failed ({outcome.reason}) after {took} on {where}; retry {self.failures[name]} of {exp.retries}")
+            return
+        self.store.end_attempt(r.attempt_id, A_FAILED, code, now, FAILED, outcome.reason, oom=outcome.oom)
+        self.states[name] = FAILED
+        self._event("fail", name, f"{name} failed ({outcome.reason}) after {took} on {where}; log: {log}")
+
+    def _mark_doomed(self) -> None:
+        doomed = policy.doomed(self._requests(), {n: _TO_POLICY[s] for n, s in self.states.items()})
+        if not doomed:
+            return
+        self.store.set_states({n: (SKIPPED, why) for n, why in doomed.items()})
+        for name, why in doomed.items():
+            self.states[name] = SKIPPED
+            self._event("skip", name, f"{name} skipped: {why}")
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        """Preempt signal to everyone, wait for the grace period, kill the rest, requeue."""
+        now = self.clock()
+        signals_at_stop = self.signals_seen
+        self._event("stop", None, f"stopping: {self.stop_reason}; {len(self.running)} running get the preempt signal")
+        for r in self.running.values():
+            r.handle.signal(self.options.preempt_signal)
+        deadline = now + self.options.grace_s
+        while self.running and self.clock() < deadline and self.signals_seen == signals_at_stop:
+            for name in list(self.running):
+                r = self.running[name]
+                ended, code = r.handle.poll()
+                if ended:
+                    self._ended(r, code, self.clock(), interrupted=True)
+            if self.running:
+                self._sleep(min(0.5, max(0.0, deadline - self.clock())))
+        for r in list(self.running.values()):
+            r.handle.kill()
+        for r in list(self.running.values()):
+            code = _wait_killed(r.handle)
+            self._ended(r, code, self.clock(), interrupted=True)
+        left = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        if left:
+            done = self.hooks.requeue()
+            if done:
+                self._event("info", None, done)
+        self.on_tick(self.clock())
+        return EXIT_STOPPED
+
+    def _finish(self, decision: policy.Decision) -> int:
+        now = self.clock()
+        waiting = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        for name in waiting:
+            reason = decision.waiting.get(name, "could not be placed")
+            self.store.set_state(name, self.states[name], reason)
+        if waiting:
+            # Nothing runs and nothing can start: the remaining ones wait for time we don't have
+            # (the next allocation will have it) or for resources that never free up.
+            time_bound = any("left in the allocation" in decision.waiting.get(n, "") for n in waiting)
+            for name in waiting[:20]:
+                self._event("warn", name, f"{name} cannot start: {decision.waiting.get(name, 'could not be placed')}")
+            if time_bound:
+                done = self.hooks.requeue()
+                if done:
+                    self._event("info", None, done)
+                self.on_tick(now)
+                return EXIT_STOPPED
+        failed = [n for n, s in self.states.items() if s in (FAILED, SKIPPED)]
+        counts = {s: sum(1 for v in self.states.values() if v == s) for s in (SUCCEEDED, FAILED, SKIPPED)}
+        self._event(
+            "info", None,
+            f"run finished: {counts[SUCCEEDED]} succeeded, {counts[FAILED]} failed, {counts[SKIPPED]} skipped"
+            + (f", {len(waiting)} could not start" if waiting else ""),
+        )
+        self.on_tick(now)
+        return EXIT_OK if not failed and not waiting else EXIT_FAILED
+
+    def close(self, exit_code: int) -> None:
+        if self.run_id is not None:
+            self.store.end_run(self.run_id, exit_code, self.clock())
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _event(self, kind: str, name: str | None, message: str) -> None:
+        self.store.event(kind, name, message, self.clock())
+
+
+def request_for(e: Experiment, mem_bytes: int | None) -> policy.Request:
+    return policy.Request(
+        name=e.name, phase_index=e.phase_index, barrier=e.barrier, order=e.order, gpus=e.gpus,
+        mem_bytes=mem_bytes, time_s=e.time_s, cpus=e.cpus, exclusive=e.exclusive,
+        resumable=e.resumable, depends_on=e.depends_on,
+    )
+
+
+def _wait_killed(handle: Handle, timeout_s: float = 10.0) -> int | None:
+    """After SIGKILL the group is gone within milliseconds; collect the wrapper's status."""
+    if handle.popen is not None:
+        try:
+            code = handle.popen.wait(timeout_s)
+            return (128 - code) if code < 0 else code
+        except Exception:  # a process stuck in the kernel: give up on its status, not the run
+            return None
+    return handle.poll()[1]
+
+
+def _row(e: Experiment) -> ExperimentRow:
+    spec = {
+        "gpus": e.gpus, "mem_bytes": e.mem_bytes, "time_s": e.time_s, "cpus": e.cpus,
+        "exclusive": e.exclusive, "resumable": e.resumable, "util": e.util, "retries": e.retries,
+    }
+    return ExperimentRow(e.name, e.phase, e.template, e.order, e.fingerprint, PENDING, None, spec, dict(e.params), True)
+
+
+def _where(p: policy.Placement) -> str:
+    return ",".join(f"gpu{i}" for i in p.gpus) if p.gpus else "cpu"
+
+
+def _where_keys(keys: tuple[GpuKey, ...]) -> str:
+    return ",".join(f"gpu{k[1]}" for k in keys) if keys else "cpu"
+
+
+def _gpus_text(inventory: list[GpuInfo]) -> str:
+    return ",".join(f"{g.node}:{g.index}:{g.total_bytes}" for g in inventory)
+
+
+def _gpus_json(inventory: list[GpuInfo]) -> str:
+    import json
+
+    return json.dumps(
+        [{"node": g.node, "index": g.index, "total_bytes": g.total_bytes, "name": g.name, "uuid": g.uuid} for g in inventory]
+    )

@@ -1,0 +1,236 @@
+"""GPU inventory and live readings behind one small protocol.
+
+NvmlProbe reads real GPUs through nvidia-ml-py; every NVML call of gpupack lives here. It never
+creates a CUDA context (NVML does not), uses the v2 memory query where the driver has it (v1
+counts reserved memory as free), and attributes per-process memory to experiments through the
+GPUPACK_EXPERIMENT variable in /proc/<pid>/environ, which works for local children and for srun
+steps alike. SimulatedProbe stands in for the hardware: used memory = the budgets of the
+experiments running on it.
+
+A reading that failed is None, never 0: the policy then assumes the worst.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .policy import GpuKey, GpuSnapshot, Occupant
+
+_SPEC = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$")
+
+
+class GpuSpecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """A GPU of the inventory; `cuda_id` is what CUDA_VISIBLE_DEVICES must say to select it."""
+
+    node: str
+    index: int
+    total_bytes: int
+    name: str
+    uuid: str
+    cuda_id: str
+
+    @property
+    def key(self) -> GpuKey:
+        return (self.node, self.index)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One consistent reading per tick."""
+
+    gpus: tuple[GpuSnapshot, ...]
+    # experiment name -> GPU -> bytes it uses now (attributed per process)
+    usage: Mapping[str, Mapping[GpuKey, int]] = field(default_factory=dict)
+
+
+class GpuProbe(Protocol):
+    def inventory(self) -> list[GpuInfo]: ...
+
+    def read(self, running: Mapping[str, Occupant]) -> Reading: ...
+
+
+def parse_gpu_spec(spec: str, node: str) -> list[GpuInfo]:
+    """'4x80GB' -> four 80 GB GPUs; '2x40GB,2x80GB' mixes sizes. GB here means 10^9 bytes."""
+    gpus: list[GpuInfo] = []
+    for part in spec.split(","):
+        match = _SPEC.match(part)
+        if not match:
+            raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (expected e.g. 4x80GB or 2x40GB,2x80GB)")
+        count = int(match.group(1) or 1)
+        size = float(match.group(2))
+        unit = match.group(3) or "GB"
+        total = int(size * (2**30 if unit == "GiB" else 10**9))
+        if count < 1 or count > 1024 or total <= 0:
+            raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (count 1-1024, size above 0)")
+        for _ in range(count):
+            i = len(gpus)
+            gpus.append(GpuInfo(node, i, total, f"simulated-{size:g}{unit}", f"SIM-{node}-{i}", str(i)))
+    return gpus
+
+
+class SimulatedProbe:
+    """Simulated GPUs: a running experiment uses exactly its budget (the whole GPU if unknown)."""
+
+    def __init__(self, gpus: Sequence[GpuInfo]):
+        self._gpus = list(gpus)
+
+    def inventory(self) -> list[GpuInfo]:
+        return list(self._gpus)
+
+    def read(self, running: Mapping[str, Occupant]) -> Reading:
+        used: dict[GpuKey, int] = {g.key: 0 for g in self._gpus}
+        total = {g.key: g.total_bytes for g in self._gpus}
+        usage: dict[str, dict[GpuKey, int]] = {}
+        for name, occ in running.items():
+            for key in occ.gpus:
+                if key not in used:
+                    continue
+                amount = occ.budget_bytes if occ.budget_bytes is not None else total[key]
+                amount = min(amount, total[key] - used[key])
+                used[key] += amount
+                usage.setdefault(name, {})[key] = amount
+        busy = {key for occ in running.values() for key in occ.gpus}
+        snaps = tuple(
+            GpuSnapshot(g.node, g.index, g.total_bytes, g.total_bytes - used[g.key], 100.0 if g.key in busy else 0.0, g.uuid)
+            for g in self._gpus
+        )
+        return Reading(snaps, usage)
+
+
+def _visible_filter(env: Mapping[str, str]) -> list[str] | None:
+    """The devices this process may use, as CUDA_VISIBLE_DEVICES lists them (None = all)."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _experiment_of(pid: int) -> str | None:
+    """GPUPACK_EXPERIMENT from a process's environment; None if unreadable or not ours."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for item in data.split(b"\0"):
+        if item.startswith(b"GPUPACK_EXPERIMENT="):
+            return item.split(b"=", 1)[1].decode(errors="replace")
+    return None
+
+
+class NvmlProbe:
+    """Real GPUs through nvidia-ml-py (module `pynvml`)."""
+
+    def __init__(self, node: str, nvml: Any = None, env: Mapping[str, str] | None = None):
+        if nvml is None:
+            import pynvml as nvml  # nvidia-ml-py
+        self._nvml = nvml
+        self._node = node
+        nvml.nvmlInit()
+        env = os.environ if env is None else env
+        visible = _visible_filter(env)
+        self._handles: list[Any] = []
+        self._gpus: list[GpuInfo] = []
+        for nvml_index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+            if visible is not None:
+                # The allocation's GPUs (Slurm sets CUDA_VISIBLE_DEVICES for the job) by index or UUID.
+                tokens = [t for t in visible if t == str(nvml_index) or (t.startswith("GPU-") and uuid.startswith(t))]
+                if not tokens:
+                    continue
+                cuda_id = tokens[0]
+            else:
+                cuda_id = str(nvml_index)
+            total = self._memory(handle)[0]
+            self._handles.append(handle)
+            self._gpus.append(
+                GpuInfo(node, len(self._gpus), total or 0, _text(nvml.nvmlDeviceGetName(handle)), uuid, cuda_id)
+            )
+
+    def inventory(self) -> list[GpuInfo]:
+        return list(self._gpus)
+
+    def _memory(self, handle: Any) -> tuple[int | None, int | None]:
+        """(total, free) bytes; v2 first (it does not count reserved memory as free)."""
+        nvml = self._nvml
+        try:
+            try:
+                info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+            except (TypeError, AttributeError, nvml.NVMLError):
+                info = nvml.nvmlDeviceGetMemoryInfo(handle)
+            return int(info.total), int(info.free)
+        except nvml.NVMLError:
+            return None, None
+
+    def _util(self, handle: Any) -> float | None:
+        try:
+            return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
+        except self._nvml.NVMLError:
+            return None
+
+    def _processes(self, handle: Any) -> list[Any] | None:
+        try:
+            return list(self._nvml.nvmlDeviceGetComputeRunningProcesses(handle))
+        except self._nvml.NVMLError:
+            return None
+
+    def read(self, running: Mapping[str, Occupant]) -> Reading:
+        snaps: list[GpuSnapshot] = []
+        usage: dict[str, dict[GpuKey, int]] = {}
+        for info, handle in zip(self._gpus, self._handles):
+            _total, free = self._memory(handle)
+            snaps.append(GpuSnapshot(info.node, info.index, info.total_bytes, free, self._util(handle), info.uuid))
+            for proc in self._processes(handle) or []:
+                used = getattr(proc, "usedGpuMemory", None)
+                if not isinstance(used, int):  # NVML reports "not available" as None
+                    continue
+                name = _experiment_of(int(proc.pid))
+                if name is None:
+                    continue
+                per_gpu = usage.setdefault(name, {})
+                per_gpu[info.key] = per_gpu.get(info.key, 0) + used
+        return Reading(tuple(snaps), usage)
+
+    def close(self) -> None:
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:  # shutting down a library that failed is not worth failing the run
+            pass
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def open_probe(spec: str | None, node: str, env: Mapping[str, str]) -> tuple[GpuProbe, str | None]:
+    """The probe to use and, when NVML was wanted but gave nothing, the one-line reason why
+    simulated GPUs are used instead. `spec` (--gpus / GPUPACK_GPUS) forces simulated GPUs."""
+    spec = spec or env.get("GPUPACK_GPUS") or None
+    if spec:
+        return SimulatedProbe(parse_gpu_spec(spec, node)), None
+    try:
+        probe = NvmlProbe(node, env=env)
+    except Exception as exc:  # NVML missing, no driver, no permission: all mean "no GPU here"
+        note = f"NVML found no GPU ({_short(exc)}); using simulated GPUs 4x80GB (set --gpus to choose)"
+        return SimulatedProbe(parse_gpu_spec("4x80GB", node)), note
+    if not probe.inventory():
+        probe.close()
+        return SimulatedProbe(parse_gpu_spec("4x80GB", node)), (
+            "NVML found no GPU; using simulated GPUs 4x80GB (set --gpus to choose)"
+        )
+    return probe, None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

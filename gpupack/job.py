@@ -1,0 +1,205 @@
+"""Helpers for experiment code: what an experiment sees under gpupack (DESIGN.md).
+
+gpupack starts every experiment with these variables; outside gpupack they are absent and
+each helper falls back to something sensible, so a script runs the same by hand:
+
+    GPUPACK_OUT       the experiment's own directory, stable across attempts (checkpoints)
+    GPUPACK_RESUME    "1" when an earlier attempt was interrupted
+    GPUPACK_ATTEMPT   1, 2, ... counted across every run of the run directory
+    GPUPACK_PREEMPT_SIGNAL  optional override of the preempt signal (name or number)
+
+Typical use in a training script:
+
+    stop = threading.Event()
+    job.on_preempt(stop.set)                  # SIGUSR2 (or the override) and SIGTERM
+    state = job.load_checkpoint(ckpt) if job.resuming() else None
+    for step in ...:
+        ...
+        if stop.is_set():
+            job.save_checkpoint(state, ckpt)
+            raise SystemExit(128 + job.preempt_signal())
+    job.write_results({"accuracy": acc}, out / "results.json")
+
+Everything here is atomic where others read: a file is written to a temporary file in the
+same directory, fsynced, then renamed over the target, so a reader (or a resumed attempt
+after a kill) sees the old file or the new one, never half of one. Only the standard library
+is imported at module level; torch is imported by the checkpoint helpers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+# USR2 by default, like submitit: NCCL installs its own handler on USR1.
+DEFAULT_PREEMPT_SIGNAL = signal.SIGUSR2
+
+_received: signal.Signals | None = None
+
+
+def out_dir(explicit: str | Path | None = None) -> Path:
+    """The experiment's output directory, created if missing.
+
+    Precedence: an explicit path (a script's --out) over GPUPACK_OUT over ./out. Under
+    gpupack both name the same directory; by hand, --out or ./out.
+    """
+    chosen = explicit or os.environ.get("GPUPACK_OUT") or Path.cwd() / "out"
+    path = Path(chosen)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resuming() -> bool:
+    """True when gpupack says an earlier attempt of this experiment was interrupted."""
+    return os.environ.get("GPUPACK_RESUME") == "1"
+
+
+def attempt() -> int:
+    """This attempt's number (1 by hand, where GPUPACK_ATTEMPT is unset)."""
+    raw = os.environ.get("GPUPACK_ATTEMPT", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"GPUPACK_ATTEMPT: expected an integer, got {raw!r}") from None
+
+
+def preempt_signals() -> tuple[signal.Signals, ...]:
+    """The preempt signal (GPUPACK_PREEMPT_SIGNAL, e.g. USR2, SIGUSR2 or 12) and SIGTERM."""
+    raw = os.environ.get("GPUPACK_PREEMPT_SIGNAL", "").strip()
+    sig = DEFAULT_PREEMPT_SIGNAL if not raw else _parse_signal(raw)
+    return (sig,) if sig == signal.SIGTERM else (sig, signal.SIGTERM)
+
+
+def _parse_signal(raw: str) -> signal.Signals:
+    try:
+        if raw.isdigit():
+            return signal.Signals(int(raw))
+        name = raw.upper()
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"GPUPACK_PREEMPT_SIGNAL: unknown signal {raw!r} (expected a name like USR2 or a number)"
+        ) from None
+
+
+def on_preempt(fn: Callable[[], object]) -> None:
+    """Call fn() once when the preempt signal or SIGTERM arrives.
+
+    fn runs in the main thread between two bytecodes, wherever the program is, so it should
+    be short: set a flag that the training loop checks at a step boundary, where the state
+    is consistent enough to checkpoint. Later signals are ignored, so a scheduler that
+    signals again during the grace period does not re-enter fn. Must be called from the
+    main thread (a limit of Python's signal module).
+    """
+    global _received
+    _received = None
+
+    def handler(signum: int, _frame: object) -> None:
+        global _received
+        if _received is not None:
+            return
+        _received = signal.Signals(signum)
+        fn()
+
+    for sig in preempt_signals():
+        signal.signal(sig, handler)
+
+
+def preempt_signal() -> signal.Signals | None:
+    """The signal that triggered the on_preempt callback, or None if none arrived yet.
+
+    Exiting with 128 + its number after the checkpoint reports the attempt the way a shell
+    reports a signal death: neither a success nor an ordinary crash.
+    """
+    return _received
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
+
+    On an exception the temporary file is removed and `path` is left as it was.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; best effort, since some filesystems refuse O_RDONLY
+    # fsync on directories and the data is already safe in the renamed file.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_results(results: Mapping[str, Any], path: str | Path | None = None) -> Path:
+    """Write results as JSON atomically (default: out_dir()/results.json); return the path.
+
+    Non-finite floats (a diverged loss) are written as null: NaN is not JSON, and a run
+    should not crash at its very end over one metric.
+    """
+    target = Path(path) if path is not None else out_dir() / "results.json"
+    text = json.dumps(_finite(results), indent=2, allow_nan=False) + "\n"
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+    return target
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
+    """torch.save(state) atomically: a kill mid-save leaves the previous checkpoint intact."""
+    import torch
+
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        torch.save(dict(state), tmp)
+    return target
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any] | None:
+    """The checkpoint at path, or None when there is none yet.
+
+    weights_only: tensors and plain containers only, so loading runs no pickled code.
+    """
+    import torch
+
+    target = Path(path)
+    if not target.exists():
+        return None
+    state: dict[str, Any] = torch.load(target, map_location=map_location, weights_only=True)
+    return state

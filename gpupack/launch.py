@@ -1,0 +1,199 @@
+"""Starting, signalling and reaping experiments: LocalLauncher (a setsid subprocess) and
+SrunLauncher (a Slurm job step, whose local `srun` client is run the same way).
+
+Every attempt runs in its own session, so its whole process tree is one process group that
+gpupack signals and kills as a unit (children that outlive their parent included). A small bash
+wrapper leads the group: it ignores-by-trapping the stop signals itself (the command still gets
+them), and records the command's exit status in `<log>.exit` atomically, so a scheduler that was
+dead when the experiment finished still learns the real outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+# $1 = exit file, the rest = the command. The trap keeps the wrapper alive through the preempt
+# signal so that it can record the command's status; `:` traps are not inherited by the command.
+_WRAPPER = (
+    'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; "$@"; rc=$?; '
+    'printf "%s\\n" "$rc" > "$exit_file.tmp" && mv -f "$exit_file.tmp" "$exit_file"; exit "$rc"'
+)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    name: str
+    attempt: int
+    cmd: str  # run by bash -c
+    workdir: Path
+    env: Mapping[str, str]  # full environment of the experiment (gpupack variables included)
+    log_path: Path
+    node: str = ""
+    gpu_indices: tuple[int, ...] = ()
+    cuda_ids: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES tokens of those GPUs
+    cpus: int = 1
+
+
+@dataclass
+class Handle:
+    """A launched attempt. `popen` is None for a survivor adopted after a scheduler restart."""
+
+    name: str
+    pgid: int
+    exit_file: Path
+    popen: subprocess.Popen[bytes] | None = None
+    started_at: float = field(default_factory=time.time)
+
+    def poll(self) -> tuple[bool, int | None]:
+        """(ended, exit code). An adopted group that vanished without an exit file has ended
+        with an unknown code (None)."""
+        if self.popen is not None:
+            code = self.popen.poll()
+            if code is None:
+                return False, None
+            return True, (128 - code) if code < 0 else code
+        if group_alive(self.pgid):
+            return False, None
+        return True, read_exit_file(self.exit_file)
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # already gone
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie leader that we have not reaped still "exists"; it is not running.
+    return not _only_zombies(pgid)
+
+
+def _only_zombies(pgid: int) -> bool:
+    try:
+        with open(f"/proc/{pgid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False  # leader gone but others in the group alive
+    return stat.rsplit(b")", 1)[-1].split()[0] == b"Z"
+
+
+def read_exit_file(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def exit_file_for(log_path: Path) -> Path:
+    return log_path.with_name(log_path.name + ".exit")
+
+
+class Launcher(Protocol):
+    def launch(self, spec: LaunchSpec) -> Handle: ...
+
+
+class LocalLauncher:
+    """Each attempt is `bash -c CMD` in a new session on this machine."""
+
+    kind = "local"
+
+    def argv(self, spec: LaunchSpec) -> list[str]:
+        return ["bash", "-c", spec.cmd]
+
+    def launch(self, spec: LaunchSpec) -> Handle:
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        exit_file = exit_file_for(spec.log_path)
+        exit_file.unlink(missing_ok=True)
+        log = open(spec.log_path, "ab", buffering=0)
+        try:
+            _write_header(log, spec)
+            popen = subprocess.Popen(
+                ["bash", "-c", _WRAPPER, "gpupack-wrap", str(exit_file), *self.argv(spec)],
+                cwd=spec.workdir,
+                env=dict(spec.env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # own session + process group: signalled and killed as one
+                close_fds=True,
+            )
+        finally:
+            log.close()
+        return Handle(spec.name, popen.pid, exit_file, popen)
+
+
+class SrunLauncher(LocalLauncher):
+    """Each attempt is one job step of the current allocation, started by a local srun client
+    (srun forwards the signals it gets to the step's tasks)."""
+
+    kind = "srun"
+
+    def __init__(self, mode: str = "gres-none"):
+        self.mode = mode
+
+    def argv(self, spec: LaunchSpec) -> list[str]:
+        from .slurm import srun_argv
+
+        return srun_argv(
+            name=spec.name,
+            node=spec.node,
+            gpu_indices=spec.gpu_indices,
+            cpus=spec.cpus,
+            mode=self.mode,
+            inner_argv=["bash", "-c", spec.cmd],
+        )
+
+
+def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:
+    gpus = ",".join(spec.cuda_ids) if spec.cuda_ids else "none"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    log.write(f"# gpupack: {spec.name} attempt {spec.attempt} started {stamp} on {spec.node or 'local'} gpus={gpus}\n".encode())
+
+
+def experiment_env(
+    base: Mapping[str, str],
+    extra: Mapping[str, str],
+    *,
+    name: str,
+    run_dir: Path,
+    out_dir: Path,
+    attempt: int,
+    resume: bool,
+    cuda_ids: Sequence[str],
+) -> dict[str, str]:
+    """DESIGN.md "What an experiment sees"."""
+    env = dict(base)
+    env.update(extra)
+    visible = ",".join(cuda_ids)
+    env.update(
+        {
+            "CUDA_VISIBLE_DEVICES": visible,  # empty for CPU-only experiments: they see no GPU
+            "GPUPACK_VISIBLE_DEVICES": visible,  # srun strips CUDA_VISIBLE_DEVICES; the step restores it
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "GPUPACK_RUN_DIR": str(run_dir),
+            "GPUPACK_EXPERIMENT": name,
+            "GPUPACK_OUT": str(out_dir),
+            "GPUPACK_ATTEMPT": str(attempt),
+        }
+    )
+    if resume:
+        env["GPUPACK_RESUME"] = "1"
+    else:
+        env.pop("GPUPACK_RESUME", None)
+    return env

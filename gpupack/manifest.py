@@ -1,0 +1,798 @@
+"""The manifest: YAML -> validated, expanded Experiment specs (DESIGN.md "Manifest").
+
+Contract for the rest of gpupack: `load(path) -> Manifest` or `ManifestError` listing every
+problem at once, each line "<file>: <experiment>: <field>: <what is wrong>", for example
+
+    exp.yaml: bridge-{task}-s{seed}: mem: bad size '60 GX' (use MB, MiB, GB or GiB)
+    exp.yaml: probe-s42: depends_on: 'train-s42' matches no experiment (did you mean 'train-s42-a'?)
+    exp.yaml: phase seeds: barrier: expected true or false, got 'no'
+    exp.yaml: manifest: line 7, column 3: mapping values are not allowed here
+
+Problems of a whole template are named by the template (once, not once per expansion);
+problems of one expansion (its name, its dependencies) by the expanded name. `load` raises
+nothing but ManifestError, whatever the file holds: it is fed by fuzzing.
+
+Rules beyond the design's text, each preventing a failure seen later at run time:
+- duplicate YAML keys are refused (PyYAML keeps the last one silently);
+- names must work as a directory name: no '/', NUL or control character, not '.' or '..',
+  at most 200 characters and 255 UTF-8 bytes (the filesystem's limit);
+- a `mem` given as a bare number under 1 MB is refused: `mem: 20` is 20 bytes, never meant;
+- env may not set CUDA_VISIBLE_DEVICES or GPUPACK_*: gpupack sets them per attempt;
+- a dependency on a later phase that sits behind a barrier would wait forever: refused;
+- grid values and env values are scalars; true/false render as `true`/`false`, as written;
+- a placeholder may carry a format spec (`{seed:03d}`), never attribute or index access.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import string
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MAX_EXPERIMENTS = 100_000  # after grid expansion, in the whole manifest
+MAX_PROBLEMS_SHOWN = 100
+MAX_NAME_CHARS = 200
+
+
+class ManifestError(Exception):
+    """Every problem found in a manifest; str() is one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    index: int
+    barrier: bool
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str  # expanded, unique
+    template: str  # the unexpanded name: grid siblings share it (learning estimates)
+    phase: str
+    phase_index: int
+    barrier: bool
+    order: int  # position after expansion
+    cmd: str  # placeholders substituted; run with bash -c in workdir
+    workdir: Path  # absolute
+    out_dir: Path  # absolute: <run_dir>/exp/<name>
+    gpus: int
+    mem_bytes: int | None
+    time_s: float | None
+    cpus: int
+    exclusive: bool
+    resumable: bool
+    retries: int
+    util: float
+    depends_on: tuple[str, ...]  # exact names after glob expansion
+    outputs: tuple[str, ...]  # placeholders substituted; relative paths are relative to workdir
+    env: Mapping[str, str]  # manifest-level env merged with the experiment's
+    params: Mapping[str, object] = field(default_factory=dict)  # grid values of this expansion
+    fingerprint: str = ""  # sha256 of cmd, env and workdir
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path  # absolute
+    name: str
+    run_dir: Path  # absolute: <runs_dir>/<name>
+    workdir: Path
+    phases: tuple[Phase, ...]
+    experiments: tuple[Experiment, ...]
+    text: str  # the YAML as read (copied into the run directory)
+
+
+# --------------------------------------------------------------------------- units
+
+_SIZE_UNITS = {
+    "": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
+    "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)")
+_SIZE_HINT = "use MB, MiB, GB or GiB"
+_MAX_BYTES = 2**63 - 1  # what SQLite and NVML arithmetic hold
+
+
+def _number_value(value: object, what: str) -> int | float:
+    """An int or float from YAML, refusing the bools YAML also reads as numbers' kin."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected {what}, got {_show(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} can't be negative or infinite, got {_show(value)}")
+    return value
+
+
+def parse_size(text: str | int) -> int:
+    """"20GB" -> 20_000_000_000 (GB = 10^9, GiB = 2^30); an int is bytes. ValueError says why."""
+    if not isinstance(text, str):
+        value = _number_value(text, "a size like 20GB")
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"bad size {_show(text)} (a number is bytes; {_SIZE_HINT})")
+        number, unit = Decimal(int(value)), ""
+    else:
+        match = _SIZE_RE.fullmatch(text.strip())
+        if match is None or match.group(2).lower() not in _SIZE_UNITS:
+            negative = text.strip().startswith("-")
+            raise ValueError(f"{'negative' if negative else 'bad'} size {_show(text)} ({_SIZE_HINT})")
+        number, unit = Decimal(match.group(1)), match.group(2).lower()
+    size = math.ceil(number * _SIZE_UNITS[unit])  # "0.5 KB" is 500 bytes, never rounded down to 0
+    if size > _MAX_BYTES:
+        raise ValueError(f"size {_show(text)} is too large")
+    return size
+
+
+_DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([dhms])\s*", re.IGNORECASE)
+_CLOCK_RE = re.compile(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)|(\d+):([0-5]\d)")  # Slurm's forms
+_DURATION_HINT = "use 90s, 15m, 2h, 1d, 1h30m, seconds or [D-]HH:MM:SS"
+
+
+def parse_duration(text: str | int | float) -> float:
+    """Seconds from "90s" "15m" "2h" "1d" "1h30m", Slurm's "[D-]HH:MM:SS" / "MM:SS", or a number."""
+    if not isinstance(text, str):
+        return float(_number_value(text, "a duration like 2h"))
+    s = text.strip()
+    bad = ValueError(f"bad duration {_show(text)} ({_DURATION_HINT})")
+    try:
+        seconds = float(Decimal(s)) if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s) else None
+    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+        raise bad from None
+    if seconds is None and (clock := _CLOCK_RE.fullmatch(s)):
+        days, hours, minutes, secs, mm, ss = (int(g) if g else 0 for g in clock.groups())
+        seconds = float(days * 86400 + hours * 3600 + minutes * 60 + secs + mm * 60 + ss)
+    if seconds is None:
+        parts = [(float(n), u.lower()) for n, u in _DURATION_PART.findall(s)]
+        units = [u for _, u in parts]
+        order = "dhms"
+        # "30m1h" or "1h1h" is a typo, not a sum to guess at.
+        if not parts or "".join(f"{n}{u}" for n, u in _DURATION_PART.findall(s)).lower() != re.sub(
+            r"\s+", "", s
+        ).lower() or units != sorted(set(units), key=order.index):
+            raise bad
+        seconds = sum(n * _DURATION_UNITS[u] for n, u in parts)
+    if not math.isfinite(seconds):
+        raise bad
+    return seconds
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _show(value: object) -> str:
+    """A short, single-line, printable rendering of a YAML value for an error message."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return "a very large integer"  # str() of a huge int raises ValueError in 3.11
+    if value is None or isinstance(value, (str, int, float)):
+        text = repr(value)  # escapes newlines, NUL and lone surrogates
+        return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__}"  # never repr() a container: YAML aliases make it exponential
+
+
+def _label(name: str) -> str:
+    """A name as it appears in a message: as written when printable, else escaped."""
+    return name if name.isprintable() and name.strip() == name and name else _show(name)
+
+
+def _nearest(word: object, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6) if len(choices) < 5000 else []
+    return f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(choices)}"
+
+
+def _text_problem(text: str) -> str | None:
+    """Why a string can't reach bash, the environment or the filesystem (execve refuses NUL)."""
+    if "\x00" in text:
+        return "contains a NUL character"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (lone surrogate)"
+    return None
+
+
+def _dirname_problem(name: str) -> str | None:
+    why = _text_problem(name)
+    if why:
+        return why
+    if name in ("", ".", ".."):
+        return f"{_show(name)} can't be a directory name"
+    if "/" in name:
+        return f"{_show(name)} contains '/' (a name is a directory name)"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return f"{_show(name)} contains a control character"
+    if len(name) > MAX_NAME_CHARS or len(name.encode()) > 255:
+        return f"{_show(name)} is longer than {MAX_NAME_CHARS} characters or 255 UTF-8 bytes"
+    return None
+
+
+class _Problems:
+    def __init__(self, shown_path: str):
+        self.path = shown_path
+        self.lines: dict[str, None] = {}  # ordered set: one grid template repeats the same line
+
+    def add(self, who: str, where: str, what: str) -> None:
+        line = f"{self.path}: {who}: {where}: {what}"
+        self.lines[line.replace("\r", " ").replace("\n", " ")] = None
+
+    def error(self) -> ManifestError:
+        lines = list(self.lines)
+        if len(lines) > MAX_PROBLEMS_SHOWN:
+            rest = len(lines) - MAX_PROBLEMS_SHOWN
+            lines = lines[:MAX_PROBLEMS_SHOWN] + [f"{self.path}: manifest: problems: {rest} more not shown"]
+        return ManifestError(lines)
+
+
+# --------------------------------------------------------------------------- placeholders
+
+BUILTIN_PLACEHOLDERS = ("name", "phase", "out", "run", "gpus")
+_NAME_PLACEHOLDERS = ("phase", "gpus")  # {name}, {out}, {run} are made from the name
+_PLACEHOLDER_RE = re.compile(r"[^\W\d][\w-]*")
+
+
+def _render_scalar(value: object, spec: str = "") -> str:
+    if spec:
+        return format(value, spec)
+    if isinstance(value, bool):
+        return "true" if value else "false"  # as YAML spells it, not Python's True
+    return str(value)
+
+
+@dataclass(frozen=True)
+class _Template:
+    """A string with {placeholders}, parsed once and rendered per expansion."""
+
+    pieces: tuple[tuple[str, str | None, str], ...]  # (literal, placeholder or None, format spec)
+
+    @property
+    def fields(self) -> list[str]:
+        return [f for _, f, _ in self.pieces if f is not None]
+
+    def render(self, values: Mapping[str, object]) -> str:
+        return "".join(lit + (_render_scalar(values[f], spec) if f else "") for lit, f, spec in self.pieces)
+
+
+def _compile(text: str, allowed: tuple[str, ...], name_field: bool = False) -> _Template:
+    """Parse `text` (str.format syntax, `{{` `}}` literal) or raise ValueError saying what to fix."""
+    why = _text_problem(text)
+    if why:
+        raise ValueError(f"{_show(text)} {why}")
+    try:
+        parsed = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ValueError(f"bad braces in {_show(text)}: {e} (write {{{{ and }}}} for literal braces)") from None
+    pieces = []
+    for literal, name, spec, conversion in parsed:
+        if name is None:
+            pieces.append((literal, None, ""))
+            continue
+        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        shell = " (write $VAR, or ${{VAR}} for a shell variable)" if literal.endswith("$") else ""
+        if conversion or "{" in (spec or "") or not _PLACEHOLDER_RE.fullmatch(name):
+            raise ValueError(f"bad placeholder {_show(written)}: only {{key}} or {{key:spec}}; "
+                             f"write {{{{ and }}}} for literal braces{shell}")
+        if name not in allowed:
+            if name_field and name in BUILTIN_PLACEHOLDERS:
+                raise ValueError(f"placeholder {{{name}}} can't be used in the name (it is made from the name)")
+            raise ValueError(f"unknown placeholder {_show(written)}{shell} ({_nearest(name, list(allowed))})")
+        if spec:
+            try:
+                format(0, spec) if True else None  # validate the spec's grammar early
+            except ValueError:
+                try:
+                    format("", spec)
+                except ValueError:
+                    raise ValueError(f"bad format spec in {_show(written)}") from None
+        pieces.append((literal, name, spec or ""))
+    return _Template(tuple(pieces))
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _integer(minimum: int) -> Callable[[object], int]:
+    def parse(value: object) -> int:
+        # YAML's true is an int to Python; `gpus: true` is a mistake, not 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer >= {minimum}, got {_show(value)}")
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _mem(value: object) -> int | None:
+    if value is None:
+        return None  # explicit null: unknown, overriding a default
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a size like 20GB, got {_show(value)}")
+    size = parse_size(value)
+    unitless = not isinstance(value, str) or not re.search(r"[A-Za-z]", value)
+    if unitless and size < 10**6:
+        raise ValueError(f"{_show(value)} means {size} bytes; write a unit, e.g. 20GB or 20GiB")
+    if size == 0:
+        raise ValueError("must be more than 0 (leave it out when unknown)")
+    return size
+
+
+def _time(value: object) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (str, int, float)):
+        raise ValueError(f"expected a duration like 2h, got {_show(value)}")
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0 (leave it out when unknown)")
+    return seconds
+
+
+def _util(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"expected a number in (0, 1], got {_show(value)}")
+    return float(value)
+
+
+def _texts(value: object) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+        raise ValueError(f"expected a string or a list of non-empty strings, got {_show(value)}")
+    return tuple(items)
+
+
+def _is_scalar(value: object) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value.bit_length() <= 64
+    return isinstance(value, (str, bool, float)) and not (isinstance(value, str) and _text_problem(value))
+
+
+_RESERVED_ENV = re.compile(r"CUDA_VISIBLE_DEVICES|GPUPACK_.*")
+
+
+def _env(value: object) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"expected a mapping NAME: value, got {_show(value)}")
+    env = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not key or "=" in key or _text_problem(key):
+            raise ValueError(f"bad variable name {_show(key)}")
+        if _RESERVED_ENV.fullmatch(key):
+            raise ValueError(f"{key} is set by gpupack for each attempt")
+        if not _is_scalar(item):
+            raise ValueError(f"{key}: expected a string or number, got {_show(item)}")
+        env[key] = _render_scalar(item)
+    return env
+
+
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "gpus": _integer(0), "mem": _mem, "time": _time, "cpus": _integer(1),
+    "exclusive": _boolean, "resumable": _boolean, "retries": _integer(0), "util": _util,
+    "depends_on": _texts, "outputs": _texts, "env": _env,
+}  # fmt: skip
+_BUILTIN_VALUES: dict[str, Any] = {
+    "gpus": 1, "mem": None, "time": None, "cpus": 1, "exclusive": False, "resumable": False,
+    "retries": 0, "util": 1.0, "depends_on": (), "outputs": (), "env": {},
+}  # fmt: skip
+_TOP_KEYS = ["name", "runs_dir", "workdir", "env", "defaults", "phases"]
+_PHASE_KEYS = ["name", "barrier", "experiments"]
+_EXPERIMENT_KEYS = ["name", "cmd", "grid", *_FIELDS]
+_TEMPLATED = ("depends_on", "outputs")  # besides name, cmd and env values
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader refusing duplicate keys: PyYAML keeps the last `mem:` silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(text: str, problems: _Problems) -> object:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "yaml"
+        problems.add("manifest", where, " ".join(str(e.problem or e.context or "invalid YAML").split()))
+    except RecursionError:
+        problems.add("manifest", "yaml", "nested too deeply")
+    except Exception as e:  # ReaderError (bad characters), int() of a 5000-digit number...
+        problems.add("manifest", "yaml", " ".join(f"{e}".split()) or type(e).__name__)
+    return None
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass
+class _Spec:
+    """One experiment entry, checked, not yet expanded."""
+
+    who: str  # how messages name it: the template, or its position when that is unusable
+    template: str
+    phase: Phase
+    name: _Template | None
+    cmd: _Template | None
+    grid: list[tuple[str, list[Any]]]
+    values: dict[str, Any]  # every field of _FIELDS, merged with defaults and built-ins
+    depends_on: tuple[_Template, ...]
+    outputs: tuple[_Template, ...]
+    env: dict[str, _Template]
+
+    @property
+    def count(self) -> int:
+        return math.prod(len(values) for _, values in self.grid)
+
+
+class _Builder:
+    def __init__(self, path: Path, shown: str, text: str, gpu_capacity_bytes: int | None):
+        self.path, self.text, self.capacity = path, text, gpu_capacity_bytes
+        self.problems = _Problems(shown)
+
+    def _field(self, who: str, where: str, parse: Callable[[Any], Any], value: object) -> Any:
+        try:
+            return parse(value)
+        except ValueError as e:
+            self.problems.add(who, where, str(e))
+            return None
+
+    def _keys(self, who: str, mapping: Mapping[Any, Any], valid: list[str], where: str = "") -> None:
+        for key in mapping:
+            if key not in valid:
+                self.problems.add(who, f"{where}{_show(key) if not isinstance(key, str) else key}",
+                                  f"unknown key ({_nearest(key, valid)})")
+
+    def _fields(self, who: str, raw: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
+        """The experiment fields present in `raw`, parsed; bad ones are reported and left out."""
+        parsed = {}
+        for key, parse in _FIELDS.items():
+            if key in raw:
+                value = self._field(who, prefix + key, parse, raw[key])
+                if value is not None or raw[key] is None:
+                    parsed[key] = value
+        return parsed
+
+    def _templates(self, who: str, where: str, texts: Any, allowed: tuple[str, ...]) -> Any:
+        """Compile one text, a tuple of texts or an env mapping; bad ones are reported, dropped."""
+        if isinstance(texts, dict):
+            out = {k: self._templates(who, f"{where}.{k}", v, allowed) for k, v in texts.items()}
+            return {k: t for k, t in out.items() if t is not None}
+        if isinstance(texts, tuple):
+            compiled = (self._templates(who, where, t, allowed) for t in texts)
+            return tuple(t for t in compiled if t is not None)
+        return self._field(who, where, lambda t: _compile(t, allowed), texts)
+
+    def build(self) -> Manifest:
+        data = _read_yaml(self.text, self.problems)
+        if self.problems.lines:
+            raise self.problems.error()
+        if not isinstance(data, dict):
+            got = "an empty file" if data is None else _show(data)
+            self.problems.add("manifest", "top level", f"expected a mapping (name:, phases:, ...), got {got}")
+            raise self.problems.error()
+        self._keys("manifest", data, _TOP_KEYS)
+        base = self.path.parent
+        name = self._field("manifest", "name", _run_name, data.get("name"))
+        runs_dir = self._field("manifest", "runs_dir", _path_text, data.get("runs_dir", "runs"))
+        workdir_text = self._field("manifest", "workdir", _path_text, data.get("workdir", "."))
+        workdir = Path(os.path.abspath(base / os.path.expanduser(workdir_text or ".")))
+        if workdir_text is not None and not workdir.is_dir():
+            self.problems.add("manifest", "workdir", f"no such directory: {workdir}")
+        run_dir = Path(os.path.abspath(base / os.path.expanduser(runs_dir or "runs"))) / (name or "_")
+        env = self._field("manifest", "env", _env, data.get("env", {})) or {}
+        top_env = self._templates("manifest", "env", env, BUILTIN_PLACEHOLDERS)
+        defaults = data.get("defaults", {})
+        if not isinstance(defaults, Mapping):
+            self.problems.add("manifest", "defaults", f"expected a mapping of experiment fields, got {_show(defaults)}")
+            defaults = {}
+        self._keys("manifest", defaults, list(_FIELDS), "defaults.")
+        merged = {**_BUILTIN_VALUES, **self._fields("manifest", defaults, "defaults.")}
+        for key in _TEMPLATED:
+            merged[key] = self._templates("manifest", f"defaults.{key}", merged[key], BUILTIN_PLACEHOLDERS)
+        merged["env"] = {**top_env, **self._templates("manifest", "defaults.env", merged["env"], BUILTIN_PLACEHOLDERS)}
+        phases, specs = self._phases(data, merged)
+        total = sum(spec.count for spec in specs)
+        if total > MAX_EXPERIMENTS:
+            largest = max(specs, key=lambda s: s.count)
+            self.problems.add("manifest", "grid", f"expands to {total:,} experiments, more than the limit of "
+                              f"{MAX_EXPERIMENTS:,} (largest: {largest.who} x {largest.count:,})")
+            raise self.problems.error()
+        experiments = _Expansion(self.problems, run_dir, workdir, phases).run(specs)
+        if self.problems.lines:
+            raise self.problems.error()
+        return Manifest(self.path, name, run_dir, workdir, tuple(phases), experiments, self.text)
+
+    def _phases(self, data: Mapping[str, Any], merged: dict[str, Any]) -> tuple[list[Phase], list[_Spec]]:
+        raw_phases = data.get("phases")
+        if not isinstance(raw_phases, list) or not raw_phases:
+            got = "nothing" if raw_phases is None else _show(raw_phases)
+            self.problems.add("manifest", "phases", f"expected a non-empty list of phases, got {got}")
+            return [], []
+        phases: list[Phase] = []
+        specs: list[_Spec] = []
+        for i, raw in enumerate(raw_phases):
+            if not isinstance(raw, Mapping):
+                self.problems.add(f"phase #{i + 1}", "phases", f"expected a mapping (name:, experiments:), got {_show(raw)}")
+                continue
+            name = raw.get("name")
+            valid_name = isinstance(name, str) and name and not _text_problem(name)
+            who = f"phase {_label(name)}" if valid_name else f"phase #{i + 1}"
+            if not valid_name:
+                self.problems.add(who, "name", f"expected a non-empty string, got {_show(name) if 'name' in raw else 'nothing'}")
+                name = f"#{i + 1}"
+            elif any(p.name == name for p in phases):
+                self.problems.add(who, "name", "duplicate phase name")
+            self._keys(who, raw, _PHASE_KEYS)
+            barrier = self._field(who, "barrier", _boolean, raw.get("barrier", False))
+            phase = Phase(name, len(phases), bool(barrier))
+            phases.append(phase)
+            exps = raw.get("experiments")
+            if not isinstance(exps, list) or not exps:
+                got = "nothing" if exps is None else _show(exps)
+                self.problems.add(who, "experiments", f"expected a non-empty list of experiments, got {got}")
+                continue
+            for j, exp in enumerate(exps):
+                spec = self._experiment(phase, f"{who} experiment #{j + 1}", exp, merged)
+                if spec is not None:
+                    specs.append(spec)
+        return phases, specs
+
+    def _experiment(self, phase: Phase, who: str, raw: object, merged: dict[str, Any]) -> _Spec | None:
+        if not isinstance(raw, Mapping):
+            self.problems.add(who, "experiment", f"expected a mapping (name:, cmd:, ...), got {_show(raw)}")
+            return None
+        template = raw.get("name")
+        if isinstance(template, str) and template and not _text_problem(template):
+            who = _label(template)
+        else:
+            got = _show(template) if "name" in raw else "nothing"
+            self.problems.add(who, "name", f"expected a non-empty string, got {got}")
+            template = None
+        self._keys(who, raw, _EXPERIMENT_KEYS)
+        grid = self._grid(who, raw.get("grid", {}))
+        keys = tuple(k for k, _ in grid)
+        allowed = (*keys, *BUILTIN_PLACEHOLDERS)
+        name = None
+        if template is not None:
+            name = self._field(who, "name", lambda t: _compile(t, (*keys, *_NAME_PLACEHOLDERS), True), template)
+        cmd = raw.get("cmd")
+        if not isinstance(cmd, str) or not cmd.strip():
+            self.problems.add(who, "cmd", f"expected a non-empty string, got {_show(cmd) if 'cmd' in raw else 'nothing'}")
+            cmd = None
+        values = {**merged, **self._fields(who, raw)}
+        for key in _TEMPLATED:
+            if key in raw and isinstance(values[key], tuple) and all(isinstance(v, str) for v in values[key]):
+                values[key] = self._templates(who, key, values[key], allowed)
+        own_env = self._templates(who, "env", values["env"], allowed) if "env" in raw else {}
+        if (self.capacity is not None and values["gpus"] and values["mem"] is not None
+                and values["mem"] > self.capacity):
+            self.problems.add(who, "mem", f"{_show(raw.get('mem', merged['mem']))} is more than a GPU holds "
+                              f"({self.capacity / 1e9:.1f} GB): can't fit on any GPU")
+        return _Spec(
+            who, template or who, phase, name,
+            self._field(who, "cmd", lambda t: _compile(t, allowed), cmd) if cmd is not None else None,
+            grid, values, values.pop("depends_on"), values.pop("outputs"),
+            {**merged["env"], **own_env},
+        )
+
+    def _grid(self, who: str, raw: object) -> list[tuple[str, list[Any]]]:
+        if not isinstance(raw, Mapping):
+            self.problems.add(who, "grid", f"expected a mapping key: [values], got {_show(raw)}")
+            return []
+        grid = []
+        for key, values in raw.items():
+            if not isinstance(key, str) or not _PLACEHOLDER_RE.fullmatch(key):
+                self.problems.add(who, "grid", f"key {_show(key)} is not a placeholder name (letters, digits, _ and -)")
+            elif key in BUILTIN_PLACEHOLDERS:
+                self.problems.add(who, f"grid.{key}", f"{{{key}}} is a built-in placeholder; rename the key")
+            elif not isinstance(values, list) or not values:
+                hint = f" (write [{_show(values)}])" if _is_scalar(values) else ""
+                self.problems.add(who, f"grid.{key}", f"expected a non-empty list of values, got {_show(values)}{hint}")
+            elif bad := next((v for v in values if not _is_scalar(v)), None) if not all(map(_is_scalar, values)) else None:
+                self.problems.add(who, f"grid.{key}", f"values must be strings or numbers, got {_show(bad)} (quote it)")
+            elif not all(map(_is_scalar, values)):
+                self.problems.add(who, f"grid.{key}", "values must be strings or numbers (quote them)")
+            else:
+                grid.append((key, values))
+        return grid
+
+
+def _run_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_show(value) if value is not None else 'nothing'}")
+    why = _dirname_problem(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def _path_text(value: object) -> str:
+    if not isinstance(value, str) or not value or _text_problem(value):
+        raise ValueError(f"expected a path, got {_show(value)}")
+    return value
+
+
+class _Expansion:
+    """Grid expansion, placeholder substitution, dependency resolution and graph checks."""
+
+    def __init__(self, problems: _Problems, run_dir: Path, workdir: Path, phases: list[Phase]):
+        self.problems, self.run_dir, self.workdir, self.phases = problems, run_dir, workdir, phases
+
+    def run(self, specs: list[_Spec]) -> tuple[Experiment, ...]:
+        records: dict[str, tuple[_Spec, dict[str, Any], list[str]]] = {}
+        all_named = True
+        for spec in specs:
+            if spec.name is None:
+                all_named = False
+                continue
+            for combo in itertools.product(*(values for _, values in spec.grid)):
+                self._one(spec, dict(zip((k for k, _ in spec.grid), combo)), records)
+        if not all_named:
+            return ()  # dependency checks against a partial list of names would mislead
+        graph = {name: self._resolve(name, spec, patterns, records) for name, (spec, _, patterns) in records.items()}
+        for cycle in _cycles(graph):
+            self.problems.add(_label(cycle[0]), "depends_on", "dependency cycle: " + " -> ".join(map(_label, cycle)))
+        return tuple(
+            Experiment(depends_on=graph[name], order=i, **built)
+            for i, (name, (_, built, _)) in enumerate(records.items())
+        )
+
+    def _render(self, spec: _Spec, where: str, template: _Template, values: Mapping[str, object]) -> str:
+        try:
+            return template.render(values)
+        except (ValueError, TypeError) as e:  # a format spec that doesn't suit this value
+            self.problems.add(spec.who, where, f"can't format: {e}")
+            return ""
+
+    def _one(self, spec: _Spec, params: dict[str, Any], records: dict[str, Any]) -> None:
+        values: dict[str, Any] = {**params, "phase": spec.phase.name, "gpus": spec.values["gpus"]}
+        name = self._render(spec, "name", spec.name, values) if spec.name else ""
+        why = _dirname_problem(name)
+        if why:
+            self.problems.add(spec.who, "name", why)
+            return
+        if name in records:
+            other = records[name][0]
+            self.problems.add(spec.who, "name", f"duplicate experiment name {_show(name)} after expansion "
+                              f"(also from {other.who}, phase {_label(other.phase.name)}); "
+                              "put every grid key that varies into the name")
+            return
+        out_dir = self.run_dir / "exp" / name
+        values.update(name=name, out=str(out_dir), run=str(self.run_dir))
+        cmd = self._render(spec, "cmd", spec.cmd, values) if spec.cmd else ""
+        env = {k: self._render(spec, f"env.{k}", t, values) for k, t in sorted(spec.env.items())}
+        canonical = json.dumps([cmd, sorted(env.items()), str(self.workdir)], separators=(",", ":"))
+        v = spec.values
+        built = dict(
+            name=name, template=spec.template, phase=spec.phase.name, phase_index=spec.phase.index,
+            barrier=spec.phase.barrier, cmd=cmd, workdir=self.workdir, out_dir=out_dir,
+            gpus=v["gpus"], mem_bytes=v["mem"], time_s=v["time"], cpus=v["cpus"],
+            exclusive=v["exclusive"], resumable=v["resumable"], retries=v["retries"], util=v["util"],
+            outputs=tuple(self._render(spec, "outputs", t, values) for t in spec.outputs),
+            env=env, params=params, fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
+        )  # fmt: skip
+        patterns = [self._render(spec, "depends_on", t, values) for t in spec.depends_on]
+        records[name] = (spec, built, patterns)
+
+    def _resolve(self, name: str, spec: _Spec, patterns: list[str], records: dict[str, Any]) -> tuple[str, ...]:
+        deps: dict[str, None] = {}
+        for pattern in patterns:
+            if pattern == name:
+                self.problems.add(_label(name), "depends_on", "depends on itself")
+            elif pattern in records:  # exact, even when the name holds glob characters
+                deps[pattern] = None
+            elif any(c in pattern for c in "*?["):
+                matched = [n for n in self._glob(pattern, records) if n != name]
+                if not matched:
+                    self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no other experiment")
+                deps.update(dict.fromkeys(matched))
+            else:
+                self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no experiment "
+                                  f"({_nearest(pattern, list(records)) if len(records) < 5000 else 'check the name'})")
+        for dep in deps:
+            later = records[dep][0].phase
+            if later.index > spec.phase.index and any(p.barrier for p in self.phases[spec.phase.index + 1 : later.index + 1]):
+                self.problems.add(_label(name), "depends_on", f"{_show(dep)} is in phase {_label(later.name)}, "
+                                  f"which waits at a barrier for phase {_label(spec.phase.name)} to end: deadlock")
+        return tuple(deps)
+
+    _glob_cache: dict[str, list[str]] = {}
+
+    def _glob(self, pattern: str, records: dict[str, Any]) -> list[str]:
+        cache = self.__dict__.setdefault("_globs", {})
+        if pattern not in cache:
+            match = re.compile(fnmatch.translate(pattern)).match  # case-sensitive, unlike fnmatch.filter
+            cache[pattern] = [n for n in records if match(n)]
+        return cache[pattern]
+
+
+def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
+    """One cycle per back edge, found by an iterative DFS (100,000 nodes would overflow recursion)."""
+    state = dict.fromkeys(graph, 0)  # 0 unvisited, 1 on the current path, 2 done
+    cycles = []
+    for root in graph:
+        if state[root]:
+            continue
+        path, position, stack = [root], {root: 0}, [iter(graph[root])]
+        state[root] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                stack.pop()
+                state[path[-1]] = 2
+                del position[path.pop()]
+            elif state[nxt] == 1:
+                cycles.append(path[position[nxt]:] + [nxt])
+            elif state[nxt] == 0:
+                state[nxt] = 1
+                position[nxt] = len(path)
+                path.append(nxt)
+                stack.append(iter(graph[nxt]))
+    return cycles
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def load_text(text: str, path: str | Path, gpu_capacity_bytes: int | None = None) -> Manifest:
+    """Like `load`, for YAML already read; `path` names the file and anchors relative paths."""
+    shown = str(path)
+    try:
+        return _Builder(Path(os.path.abspath(path)), shown, text, gpu_capacity_bytes).build()
+    except ManifestError:
+        raise
+    except RecursionError:
+        raise ManifestError([f"{shown}: manifest: yaml: nested too deeply"]) from None
+    except Exception as e:  # the contract: no YAML content ends in a traceback
+        raise ManifestError([f"{shown}: manifest: internal: {type(e).__name__}: {e} (a gpupack bug; please report it)"]) from e
+
+
+def load(path: str | Path, gpu_capacity_bytes: int | None = None) -> Manifest:
+    """Read, validate and expand a manifest. With gpu_capacity_bytes, a mem above it is refused."""
+    shown = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ManifestError([f"{shown}: manifest: file: can't read: {getattr(e, 'strerror', None) or e}"]) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError([f"{shown}: manifest: file: not UTF-8 text (bad byte at offset {e.start})"]) from None
+    return load_text(text, path, gpu_capacity_bytes)

@@ -1,0 +1,591 @@
+"""Pure placement policy: (experiments, their states, GPU snapshot, occupants, now, time left) -> placements.
+
+No clock, no I/O, no imports of other gpupack modules: the engine (live run) and the simulator
+(`gpupack plan`, benchmarks) call the very same `place()` so that a prediction is what a run does.
+
+Rules (DESIGN.md "Inside"):
+- Candidates: experiments in state PENDING whose dependencies all SUCCEEDED and whose phase is not
+  behind a barrier. A phase with barrier=True opens only when every experiment of all earlier
+  phases has ended (SUCCEEDED, FAILED or SKIPPED); like `wait` in a batch script, the barrier
+  also holds every later phase, so barrier=False after it does not jump the line.
+- Priority: phase order, then critical-path length (own time + the longest chain of not-ended
+  dependants' times; unknown time counts 0), then longest estimated time first (unknown time
+  goes last among equals), then manifest order.
+- A GPU fits a request when: it has no exclusive occupant (and, for an exclusive request, no
+  occupant at all); the sum of its occupants' budgets plus the request stays within
+  capacity minus headroom; and the live free memory minus headroom minus the not-yet-allocated
+  part of its occupants' budgets, max(0, budget - observed), covers the request (the start-up
+  race: a job launched a second ago still reads as free). Placements made earlier in the same
+  call count as occupants with observed 0. An experiment without a memory estimate (mem_bytes
+  None) needs a GPU with no occupant and then holds it alone, like exclusive; an occupant with
+  budget None holds its GPU whole. An unknown live reading (None) is not zero: only budgets
+  decide, which is safe because a GPU whose occupant's budget is unknown is held whole anyway.
+- Multi-GPU requests take all their GPUs on one node (gang). Best fit: the GPU(s) whose room left
+  after placement, min(budget room, live room) - request, is smallest, so large holes stay for
+  large jobs; ties go to the smaller GPU, then snapshot order. CPU-only requests (gpus=0) go to
+  the first node with CPUs free.
+- CPUs: when Limits.cpus_per_node gives a node's count, its occupants' cpus plus the request must
+  fit; nodes it does not name are not limited.
+- Time left: a candidate whose estimate exceeds the allocation's time left waits unless it is
+  resumable (it could never finish; a resumable one checkpoints and continues next allocation).
+- EASY backfill: the highest-priority candidate that cannot start (the head) gets a reservation:
+  the GPUs (and node CPUs) it would take at the earliest time enough occupants have ended, found
+  by releasing occupants in order of expected end. Occupants with an unknown end are released
+  after every known one, oldest first, and then the start time is unknown (start_s None).
+  A lower candidate may start if it ends by the reservation's start (known start and known time
+  only), or if the head still fits on its reserved GPUs and node with the candidate added to the
+  view at that start; so with an unknown start the reserved GPUs drain instead of feeding a
+  stream of small jobs that would starve the head. A head that could not fit even with every
+  occupant gone (memory used outside gpupack), or could not finish in the time left when it
+  starts, holds no reservation and the next blocked candidate becomes the head.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+GpuKey = tuple[str, int]  # (node, index of the GPU on that node, as CUDA_VISIBLE_DEVICES counts it)
+
+
+class State(str, enum.Enum):
+    """Queue states the policy reasons about (the engine maps interrupted/retrying to PENDING)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+    @property
+    def ended(self) -> bool:
+        return self in (State.SUCCEEDED, State.FAILED, State.SKIPPED)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one experiment asks for; built by the engine/simulator from manifest.Experiment."""
+
+    name: str
+    phase_index: int
+    barrier: bool  # the barrier flag of this experiment's phase
+    order: int  # position in the expanded manifest
+    gpus: int = 1  # 0 = CPU only
+    mem_bytes: int | None = None  # per GPU; None = unknown -> needs an empty GPU, alone
+    time_s: float | None = None  # estimated wall time; None = unknown
+    cpus: int = 1
+    exclusive: bool = False
+    resumable: bool = False
+    depends_on: tuple[str, ...] = ()  # exact experiment names (manifest expands globs)
+    phase: str = ""  # phase name, for waiting reasons only
+
+    @property
+    def holds_whole(self) -> bool:
+        """Nobody may share its GPUs: exclusive, or memory unknown."""
+        return self.exclusive or self.mem_bytes is None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    """One GPU as read this tick. Unknown readings are None, never 0."""
+
+    node: str
+    index: int
+    total_bytes: int
+    free_bytes: int | None = None  # live reading (NVML / simulated); None = unknown
+    util_percent: float | None = None
+    uuid: str = ""
+
+    @property
+    def key(self) -> GpuKey:
+        return (self.node, self.index)
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """A running experiment as the policy sees it."""
+
+    name: str
+    gpus: tuple[GpuKey, ...]
+    budget_bytes: int | None  # per GPU; None = holds its GPUs whole
+    exclusive: bool = False
+    observed_bytes: int = 0  # per GPU memory it is seen using now (0 = not yet allocated)
+    cpus: int = 1
+    node: str = ""  # node of a CPU-only occupant (gpus == ())
+    expected_end_s: float | None = None  # start + estimate; None = unknown
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    node: str
+    gpus: tuple[int, ...]  # indices on that node; () for CPU-only
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Where and when the blocked head candidate will start (EASY backfill)."""
+
+    name: str
+    start_s: float | None  # None: it waits for an occupant whose end is unknown
+    gpus: tuple[GpuKey, ...]
+    node: str = ""  # where its CPUs are held (also set for a CPU-only head)
+
+
+@dataclass(frozen=True)
+class Decision:
+    placements: tuple[Placement, ...]
+    waiting: Mapping[str, str] = field(default_factory=dict)  # name -> one-line reason it waits
+    reservation: Reservation | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Allocation-wide facts the policy needs besides the GPUs."""
+
+    headroom_bytes: int = 0  # kept free on every GPU
+    cpus_per_node: Mapping[str, int] | None = None  # None = do not limit by CPUs
+    time_left_s: float | None = None  # None = unlimited
+
+
+# --- working view of one call --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """An occupant, or a placement of this call, as it loads GPUs and CPUs."""
+
+    gpus: tuple[GpuKey, ...]
+    node: str
+    budget_bytes: int | None
+    holds: bool  # exclusive or budget unknown: nobody joins its GPUs
+    observed_bytes: int
+    cpus: int
+    end_s: float | None
+
+
+@dataclass(eq=False)
+class _Gpu:
+    key: GpuKey
+    pos: int  # snapshot order, the last tie-break
+    total_bytes: int
+    free_bytes: int | None
+    budget_sum: int = 0
+    unalloc_sum: int = 0  # budgets not yet seen allocated: still reads as free
+    occupants: int = 0
+    holders: int = 0
+
+    def room(self, headroom: int) -> int | None:
+        """Bytes a newcomer may take, or None when an occupant holds the GPU whole."""
+        if self.holders:
+            return None
+        room = self.total_bytes - headroom - self.budget_sum
+        if self.free_bytes is not None:
+            room = min(room, self.free_bytes - self.unalloc_sum - headroom)
+        return room
+
+    def hole_after(self, req: Request, headroom: int) -> int | None:
+        """Room left once `req` is placed here (the best-fit key), or None if it does not fit."""
+        if req.holds_whole and self.occupants:
+            return None
+        if req.mem_bytes is None:
+            return 0
+        room = self.room(headroom)
+        return None if room is None or room < req.mem_bytes else room - req.mem_bytes
+
+
+class _View:
+    """GPUs and node CPUs as loaded by a set of claims; mutated as a call places experiments."""
+
+    def __init__(self, gpus: Sequence[GpuSnapshot], limits: Limits) -> None:
+        self.headroom = limits.headroom_bytes
+        self.cpu_limit: Mapping[str, int] = limits.cpus_per_node or {}
+        self.gpus: dict[GpuKey, _Gpu] = {}
+        self.by_node: dict[str, list[_Gpu]] = {}
+        for snap in gpus:
+            if snap.key not in self.gpus:
+                g = _Gpu(snap.key, len(self.gpus), snap.total_bytes, snap.free_bytes)
+                self.gpus[snap.key] = g
+                self.by_node.setdefault(snap.node, []).append(g)
+        self.nodes = list(self.by_node) + [n for n in self.cpu_limit if n not in self.by_node]
+        self.cpu_used: dict[str, int] = dict.fromkeys(self.nodes, 0)
+
+    def copy(self) -> _View:
+        other = object.__new__(_View)
+        other.headroom, other.cpu_limit, other.nodes = self.headroom, self.cpu_limit, self.nodes
+        other.gpus = {k: replace(g) for k, g in self.gpus.items()}
+        other.by_node = {n: [other.gpus[g.key] for g in gs] for n, gs in self.by_node.items()}
+        other.cpu_used = dict(self.cpu_used)
+        return other
+
+    def add(self, c: _Claim, sign: int = 1) -> None:
+        """Load (sign 1) or release (sign -1) a claim. The live reading already shows what a
+        running claim uses, so only a release changes it: its observed memory comes back."""
+        for key in c.gpus:
+            g = self.gpus.get(key)
+            if g is None:  # a GPU that left the inventory
+                continue
+            g.occupants += sign
+            g.holders += sign * c.holds
+            if c.budget_bytes is not None:
+                g.budget_sum += sign * c.budget_bytes
+                g.unalloc_sum += sign * max(0, c.budget_bytes - c.observed_bytes)
+            if sign < 0 and g.free_bytes is not None:
+                g.free_bytes += c.observed_bytes
+        self.cpu_used[c.node] = self.cpu_used.get(c.node, 0) + sign * c.cpus
+
+    def cpus_free(self, node: str) -> int | None:
+        limit = self.cpu_limit.get(node)
+        return None if limit is None else limit - self.cpu_used.get(node, 0)
+
+    def cpus_fit(self, node: str, cpus: int) -> bool:
+        free = self.cpus_free(node)
+        return free is None or cpus <= free
+
+    def find(
+        self,
+        req: Request,
+        gpu_ok: Callable[[_Gpu], bool] | None = None,
+        node_ok: Callable[[str], bool] | None = None,
+    ) -> Placement | None:
+        """Best-fit placement of `req` on one node, or None."""
+        nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (node_ok is None or node_ok(n))]
+        if req.gpus == 0:
+            return Placement(req.name, nodes[0], ()) if nodes else None
+        best: tuple[tuple[int, int], str, list[_Gpu]] | None = None
+        for node in nodes:
+            fits = []
+            for g in self.by_node.get(node, ()):
+                hole = g.hole_after(req, self.headroom)
+                if hole is not None and (gpu_ok is None or gpu_ok(g)):
+                    fits.append((hole, g.total_bytes, g.pos, g))
+            if len(fits) < req.gpus:
+                continue
+            fits.sort(key=lambda f: f[:3])
+            chosen = fits[: req.gpus]
+            score = (sum(f[0] for f in chosen), chosen[0][2])
+            if best is None or score < best[0]:
+                best = (score, node, [f[3] for f in chosen])
+        if best is None:
+            return None
+        return Placement(req.name, best[1], tuple(sorted(g.key[1] for g in best[2])))
+
+    def why_not(self, req: Request) -> str:
+        """One line for a user: why `req` does not fit this view."""
+        if req.gpus == 0:
+            if not self.nodes:
+                return "no node to run on"
+            node = max(self.nodes, key=lambda n: self.cpus_free(n) or 0)
+            return f"needs {req.cpus} CPUs (most free: {node} has {self.cpus_free(node)})"
+        counts = {n: sum(g.hole_after(req, self.headroom) is not None for g in gs) for n, gs in self.by_node.items()}
+        for node, n in counts.items():
+            if n >= req.gpus:  # memory would do: CPUs are what is short
+                return f"needs {req.cpus} CPUs on {node}, {self.cpus_free(node)} free"
+        if req.mem_bytes is None:
+            need = "an empty GPU (memory unknown)" if req.gpus == 1 else f"{req.gpus} empty GPUs (memory unknown)"
+        elif req.exclusive:
+            need = "an empty GPU (exclusive)" if req.gpus == 1 else f"{req.gpus} empty GPUs (exclusive)"
+        else:
+            need = ""
+        if req.gpus > 1:
+            node, n = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+            what = need or f"{req.gpus} GPUs with {_fmt_bytes(req.mem_bytes or 0)} free"
+            return f"needs {what} on one node (best: {node or 'none'} has {n})"
+        if need:
+            return f"needs {need}; none is free"
+        rooms = [(r, g) for g in self.gpus.values() if (r := g.room(self.headroom)) is not None]
+        if not rooms:
+            return f"no GPU with {_fmt_bytes(req.mem_bytes or 0)} free (every GPU is held whole)"
+        room, g = max(rooms, key=lambda rg: (rg[0], -rg[1].pos))
+        return f"no GPU with {_fmt_bytes(req.mem_bytes or 0)} free (best: {self.label(g.key)} has {_fmt_bytes(max(room, 0))})"
+
+    def label(self, key: GpuKey) -> str:
+        return f"gpu{key[1]}" if len(self.by_node) <= 1 else f"{key[0]}:gpu{key[1]}"
+
+
+def _claim(p: Placement, req: Request, now_s: float) -> _Claim:
+    end = None if req.time_s is None else now_s + req.time_s
+    gpus = tuple((p.node, i) for i in p.gpus)
+    return _Claim(gpus, p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end)
+
+
+def _occupant_claim(o: Occupant) -> _Claim:
+    node = o.node or (o.gpus[0][0] if o.gpus else "")
+    holds = o.exclusive or o.budget_bytes is None
+    return _Claim(o.gpus, node, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s)
+
+
+def _reserve(
+    head: Request, view: _View, claims: Sequence[_Claim], now_s: float, time_left_s: float | None
+) -> tuple[Reservation, _View] | None:
+    """The head's reservation and the view at its start, or None if it should hold nothing."""
+    future = view.copy()
+    known = sorted((c for c in claims if c.end_s is not None), key=lambda c: c.end_s or 0.0)
+    steps: list[tuple[float | None, list[_Claim]]] = []
+    for c in known:  # release claims ending at the same instant together
+        if steps and steps[-1][0] == c.end_s:
+            steps[-1][1].append(c)
+        else:
+            steps.append((c.end_s, [c]))
+    steps += [(None, [c]) for c in claims if c.end_s is None]
+    for end_s, released in steps:
+        for c in released:
+            future.add(c, -1)
+        p = future.find(head)
+        if p is None:
+            continue
+        start_s = None if end_s is None else max(now_s, end_s)
+        if (
+            start_s is not None and time_left_s is not None and head.time_s is not None
+            and not head.resumable and start_s - now_s + head.time_s > time_left_s
+        ):
+            return None  # it would be refused for time when its GPUs free up
+        return Reservation(head.name, start_s, tuple((p.node, i) for i in p.gpus), p.node), future
+    return None
+
+
+# --- the policy --------------------------------------------------------------------------------
+
+
+def place(
+    requests: Sequence[Request],
+    states: Mapping[str, State],
+    gpus: Sequence[GpuSnapshot],
+    occupants: Sequence[Occupant],
+    now_s: float,
+    limits: Limits,
+) -> Decision:
+    """The experiments to start now, why the other pending ones wait, and the head's reservation.
+
+    `requests` holds every experiment of the run (any state); `states` maps every name to its
+    State (a missing name counts as PENDING). Cost: O(requests + dependency edges) to find and
+    rank candidates, then O(GPUs) per candidate, with failures cached per request shape so a
+    long queue behind full GPUs costs a dict lookup each.
+    """
+    waiting: dict[str, str] = {}
+    candidates = _candidates(requests, states, waiting)
+    cp = _critical_paths(requests, states)
+    candidates.sort(
+        key=lambda r: (r.phase_index, -cp.get(r.name, 0.0), r.time_s is None, -(r.time_s or 0.0), r.order)
+    )
+
+    view = _View(gpus, limits)
+    claims = [_occupant_claim(o) for o in occupants]
+    for c in claims:
+        view.add(c)
+    placements: list[Placement] = []
+    failed: dict[tuple[object, ...], str] = {}  # (shape, filtered) -> reason; views only fill up
+    unreservable: set[tuple[object, ...]] = set()
+    head: Request | None = None
+    res: Reservation | None = None
+    future: _View | None = None
+    reserved_note = ""
+
+    for req in candidates:
+        left = limits.time_left_s
+        if left is not None and req.time_s is not None and req.time_s > left and not req.resumable:
+            waiting[req.name] = f"needs {_fmt_duration(req.time_s)}, {_fmt_duration(left)} left in the allocation"
+            continue
+        shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus)
+        short = (
+            res is not None and res.start_s is not None and req.time_s is not None
+            and now_s + req.time_s <= res.start_s
+        )
+        filtered = res is not None and not short
+        reason = failed.get((shape, False)) or (failed.get((shape, True)) if filtered else None)
+        p = None
+        if reason is None:
+            if filtered:
+                assert head is not None and res is not None and future is not None
+                gpu_ok, node_ok = _backfill_filters(req, head, res, future)
+                p = view.find(req, gpu_ok, node_ok)
+                if p is None and view.find(req) is not None:
+                    reason = failed[(shape, True)] = f"reserved for {head.name}{reserved_note}"
+            else:
+                p = view.find(req)
+            if p is None and reason is None:
+                reason = failed[(shape, False)] = view.why_not(req)
+        if p is None:
+            assert reason is not None
+            res_key = (shape, req.time_s, req.resumable)
+            if res is None and res_key not in unreservable:
+                found = _reserve(req, view, claims, now_s, left)
+                if found is None:
+                    unreservable.add(res_key)
+                else:
+                    head, (res, future) = req, found
+                    starts = "" if res.start_s is None else f"in {_fmt_duration(res.start_s - now_s)}"
+                    reserved_note = f" (starts {starts})" if starts else ""
+                    where = ", ".join(view.label(k) for k in res.gpus) or res.node
+                    reason += f"; first in line, holds {where} (free {starts or 'when an occupant of unknown end finishes'})"
+            waiting[req.name] = reason
+            continue
+        c = _claim(p, req, now_s)
+        view.add(c)
+        claims.append(c)
+        if filtered and future is not None:  # still running at the reserved start
+            future.add(c)
+        placements.append(p)
+    return Decision(tuple(placements), waiting, res)
+
+
+def _backfill_filters(
+    req: Request, head: Request, res: Reservation, future: _View
+) -> tuple[Callable[[_Gpu], bool], Callable[[str], bool]]:
+    """May `req` (still running at the reserved start) take this GPU / node without delaying the head?"""
+    reserved = set(res.gpus)
+    cand = _Claim((), res.node, req.mem_bytes, req.holds_whole, 0, req.cpus, None)
+
+    def gpu_ok(g: _Gpu) -> bool:
+        if g.key not in reserved:
+            return True
+        fg = future.gpus[g.key]
+        probe = replace(cand, gpus=(g.key,), cpus=0)
+        future.add(probe)
+        try:
+            return fg.hole_after(head, future.headroom) is not None
+        finally:
+            future.add(probe, -1)
+
+    def node_ok(node: str) -> bool:
+        return node != res.node or future.cpus_fit(node, req.cpus + head.cpus)
+
+    return gpu_ok, node_ok
+
+
+def _candidates(requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str]) -> list[Request]:
+    """PENDING requests free to start; the others get their reason in `waiting`."""
+    def state(name: str) -> State:
+        return states.get(name, State.PENDING)
+
+    unended = Counter(r.phase_index for r in requests if not state(r.name).ended)
+    phase_of: dict[int, Request] = {}
+    for r in requests:
+        phase_of.setdefault(r.phase_index, r)
+    blocked: dict[int, tuple[Request, int]] = {}  # phase -> (first request of the closed barrier phase, count)
+    behind, before = None, 0
+    for idx in sorted(phase_of):
+        if phase_of[idx].barrier:
+            behind = (phase_of[idx], before) if before else None
+        if behind:
+            blocked[idx] = behind
+        before += unended[idx]
+
+    out = []
+    for r in requests:
+        if state(r.name) is not State.PENDING:
+            continue
+        if r.phase_index in blocked:
+            first, n = blocked[r.phase_index]
+            phase = first.phase or f"#{first.phase_index}"
+            waiting[r.name] = f"behind the barrier of phase {phase}: {n} earlier experiment{'s' * (n != 1)} not ended"
+            continue
+        unmet = [d for d in r.depends_on if state(d) is not State.SUCCEEDED]
+        if not unmet:
+            out.append(r)
+            continue
+        dead = next((d for d in unmet if state(d) in (State.FAILED, State.SKIPPED)), None)
+        more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
+        waiting[r.name] = _dead_reason(dead, state(dead)) if dead else f"waiting for dependency {unmet[0]}{more}"
+    return out
+
+
+def _critical_paths(requests: Sequence[Request], states: Mapping[str, State]) -> dict[str, float]:
+    """Own time + longest chain of not-ended dependants' times, for every not-ended request.
+
+    Walks the dependency graph once from its sinks (Kahn), so a 10,000-long chain costs no
+    recursion. Members of a cycle (the manifest refuses them) keep their own time.
+    """
+    live = {r.name: r for r in requests if not states.get(r.name, State.PENDING).ended}
+    dependants = dict.fromkeys(live, 0)
+    for r in live.values():
+        for d in r.depends_on:
+            if d in dependants:
+                dependants[d] += 1
+    tail: dict[str, float] = {}
+    cp: dict[str, float] = {}
+    ready = [n for n, k in dependants.items() if k == 0]
+    while ready:
+        r = live[ready.pop()]
+        cp[r.name] = (r.time_s or 0.0) + tail.get(r.name, 0.0)
+        for d in r.depends_on:
+            if d in dependants:
+                tail[d] = max(tail.get(d, 0.0), cp[r.name])
+                dependants[d] -= 1
+                if dependants[d] == 0:
+                    ready.append(d)
+    for name, r in live.items():
+        cp.setdefault(name, r.time_s or 0.0)
+    return cp
+
+
+def doomed(requests: Sequence[Request], states: Mapping[str, State]) -> dict[str, str]:
+    """PENDING experiments that can never start because a dependency FAILED or was SKIPPED,
+    directly or through another doomed one, each with its reason; the engine marks them SKIPPED."""
+    def state(name: str) -> State:
+        return states.get(name, State.PENDING)
+
+    pending = [r for r in requests if state(r.name) is State.PENDING]
+    dependants: dict[str, list[Request]] = {}
+    for r in pending:
+        for d in r.depends_on:
+            dependants.setdefault(d, []).append(r)
+    out: dict[str, str] = {}
+    root: dict[str, str] = {}  # doomed name -> the failure at the bottom of its chain
+    queue: list[str] = []
+    for r in pending:
+        dead = next((d for d in r.depends_on if state(d) in (State.FAILED, State.SKIPPED)), None)
+        if dead is not None:
+            out[r.name] = _dead_reason(dead, state(dead))
+            root[r.name] = f"{dead} {'failed' if state(dead) is State.FAILED else 'was skipped'}"
+            queue.append(r.name)
+    for name in queue:  # breadth first: the shortest chain names the cause
+        for r in dependants.get(name, ()):
+            if r.name not in out:
+                out[r.name] = f"dependency {name} will not run ({root[name]})"
+                root[r.name] = root[name]
+                queue.append(r.name)
+    return out
+
+
+def unfit_reason(
+    request: Request,
+    gpus: Sequence[GpuSnapshot],
+    headroom_bytes: int,
+    cpus_per_node: Mapping[str, int] | None = None,
+) -> str | None:
+    """Why the request can never run on this inventory, even with every GPU empty, or None."""
+    if cpus_per_node and request.cpus > max(cpus_per_node.values()):
+        return f"needs {request.cpus} CPUs; the largest node has {max(cpus_per_node.values())}"
+    if request.gpus == 0:
+        return None
+    if not gpus:
+        return "no GPU in the allocation"
+    need = request.mem_bytes or 0
+    biggest = max(g.total_bytes for g in gpus)
+    if need > biggest - headroom_bytes:
+        return (f"needs {_fmt_bytes(need)} per GPU; the largest GPU holds {_fmt_bytes(biggest)}"
+                + (f" minus {_fmt_bytes(headroom_bytes)} headroom" if headroom_bytes else ""))
+    per_node = Counter(g.node for g in gpus if g.total_bytes - headroom_bytes >= need)
+    most = max(per_node.values())
+    if request.gpus > most:
+        with_mem = f" with {_fmt_bytes(need)}" if need else ""
+        return f"needs {request.gpus} GPUs{with_mem} on one node; the most on any node is {most}"
+    return None
+
+
+def _dead_reason(dep: str, state: State) -> str:
+    return f"dependency {dep} failed" if state is State.FAILED else f"dependency {dep} was skipped"
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"  # GB = 10^9, as the manifest counts
+
+
+def _fmt_duration(s: float) -> str:
+    if s < 120:
+        return f"{max(s, 0):.0f}s"
+    h, m = divmod(round(s / 60), 60)
+    return f"{h}h{m:02d}m" if h and m else f"{h}h" if h else f"{m}m"

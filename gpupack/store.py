@@ -1,0 +1,424 @@
+"""The run's state: one SQLite database (WAL) in the run directory, the only persistence.
+
+Every state change is its own committed transaction (synchronous=FULL) before the engine acts
+on it, so a scheduler killed at any moment leaves a database that says exactly what was
+launched (with its process group) and what ended. Readers (`status`, `watch`, `report`) open
+it read-only while a run goes on.
+
+Tables:
+    experiments  name, phase, template, ord, fingerprint, state, reason, spec (JSON), params (JSON)
+    attempts     experiment, number, run_id, state, started_at, ended_at, exit_code, node, gpus,
+                 pgid, log_path, peak_bytes, mean_util, oom
+    events       t, kind, experiment, message          (what the dashboard and job log show)
+    gpu_samples  t, node, gpu, util, used_bytes, total_bytes
+    runs         id, started_at, ended_at, pid, host, job_id, exit_code
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+# Experiment states (DESIGN.md `status --json`).
+PENDING = "pending"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+INTERRUPTED = "interrupted"
+SKIPPED = "skipped"
+STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, SKIPPED)
+
+# Attempt states: an attempt row exists from the moment before its process is spawned.
+A_LAUNCHING = "launching"
+A_RUNNING = "running"
+A_SUCCEEDED = "succeeded"
+A_FAILED = "failed"
+A_INTERRUPTED = "interrupted"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS experiments (
+    name TEXT PRIMARY KEY,
+    phase TEXT NOT NULL,
+    template TEXT NOT NULL,
+    ord INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    spec TEXT NOT NULL DEFAULT '{}',
+    params TEXT NOT NULL DEFAULT '{}',
+    in_manifest INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    experiment TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    run_id INTEGER,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    exit_code INTEGER,
+    node TEXT NOT NULL DEFAULT '',
+    gpus TEXT NOT NULL DEFAULT '',
+    pgid INTEGER,
+    log_path TEXT NOT NULL,
+    budget_bytes INTEGER,
+    peak_bytes INTEGER,
+    mean_util REAL,
+    oom INTEGER NOT NULL DEFAULT 0,
+    note TEXT,
+    UNIQUE (experiment, number)
+);
+CREATE INDEX IF NOT EXISTS attempts_by_experiment ON attempts (experiment, number);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    t REAL NOT NULL,
+    kind TEXT NOT NULL,
+    experiment TEXT,
+    message TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS gpu_samples (
+    t REAL NOT NULL,
+    node TEXT NOT NULL,
+    gpu INTEGER NOT NULL,
+    util REAL,
+    used_bytes INTEGER,
+    total_bytes INTEGER
+);
+CREATE INDEX IF NOT EXISTS gpu_samples_by_t ON gpu_samples (t);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    pid INTEGER NOT NULL,
+    host TEXT NOT NULL,
+    job_id TEXT,
+    exit_code INTEGER,
+    gpus TEXT
+);
+"""
+
+
+class StoreError(Exception):
+    """The run directory's database cannot be used (locked, corrupt, not writable)."""
+
+
+@dataclass(frozen=True)
+class ExperimentRow:
+    name: str
+    phase: str
+    template: str
+    ord: int
+    fingerprint: str
+    state: str
+    reason: str | None
+    spec: Mapping[str, object]
+    params: Mapping[str, object]
+    in_manifest: bool
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    id: int
+    experiment: str
+    number: int
+    run_id: int | None
+    state: str
+    started_at: float
+    ended_at: float | None
+    exit_code: int | None
+    node: str
+    gpus: tuple[int, ...]
+    pgid: int | None
+    log_path: str
+    budget_bytes: int | None
+    peak_bytes: int | None
+    mean_util: float | None
+    oom: bool
+    note: str | None
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    t: float
+    kind: str
+    experiment: str | None
+    message: str
+
+
+def _gpus_text(gpus: Sequence[int]) -> str:
+    return ",".join(str(g) for g in gpus)
+
+
+def _gpus_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(g) for g in text.split(",") if g != "")
+
+
+class Store:
+    """Access to state.db. Writers use `Store(path)`; readers `Store(path, readonly=True)`."""
+
+    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 10.0):
+        self.path = Path(path)
+        self.readonly = readonly
+        try:
+            if readonly:
+                if not self.path.exists():
+                    raise StoreError(f"{self.path}: no such state database")
+                uri = f"file:{self.path}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
+            else:
+                self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+                self._db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One committed write transaction; BEGIN IMMEDIATE takes the write lock up front."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    # --- runs ---------------------------------------------------------------------------
+
+    def begin_run(self, pid: int, host: str, job_id: str | None, gpus: str, now: float) -> int:
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO runs (started_at, pid, host, job_id, gpus) VALUES (?, ?, ?, ?, ?)",
+                (now, pid, host, job_id, gpus),
+            )
+            return int(cur.lastrowid or 0)
+
+    def end_run(self, run_id: int, exit_code: int, now: float) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET ended_at = ?, exit_code = ? WHERE id = ?", (now, exit_code, run_id))
+
+    def runs(self) -> list[dict[str, object]]:
+        cur = self._db.execute("SELECT id, started_at, ended_at, pid, host, job_id, exit_code, gpus FROM runs ORDER BY id")
+        keys = ("id", "started_at", "ended_at", "pid", "host", "job_id", "exit_code", "gpus")
+        return [dict(zip(keys, row)) for row in cur.fetchall()]
+
+    # --- experiments --------------------------------------------------------------------
+
+    def experiments(self) -> list[ExperimentRow]:
+        cur = self._db.execute(
+            "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest"
+            " FROM experiments ORDER BY in_manifest DESC, ord"
+        )
+        return [
+            ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), json.loads(r[8]), bool(r[9]))
+            for r in cur.fetchall()
+        ]
+
+    def sync_experiments(self, rows: Sequence[ExperimentRow]) -> dict[str, str]:
+        """Bring the table in line with the manifest being run.
+
+        Returns name -> what changed: "new", or "changed" when a known experiment's fingerprint
+        differs (it then becomes pending again, whatever its state was). Experiments no longer
+        in the manifest are kept, flagged in_manifest=0, so their history is not lost.
+        """
+        known = {r.name: r for r in self.experiments()}
+        changes: dict[str, str] = {}
+        with self.transaction() as db:
+            db.execute("UPDATE experiments SET in_manifest = 0")
+            for row in rows:
+                old = known.get(row.name)
+                spec, params = json.dumps(dict(row.spec), sort_keys=True), json.dumps(dict(row.params), default=str)
+                if old is None:
+                    changes[row.name] = "new"
+                    db.execute(
+                        "INSERT INTO experiments (name, phase, template, ord, fingerprint, state, spec, params)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (row.name, row.phase, row.template, row.ord, row.fingerprint, PENDING, spec, params),
+                    )
+                    continue
+                state, reason = old.state, old.reason
+                if old.fingerprint != row.fingerprint:
+                    changes[row.name] = "changed"
+                    state, reason = PENDING, "command, env or workdir changed"
+                db.execute(
+                    "UPDATE experiments SET phase = ?, template = ?, ord = ?, fingerprint = ?, state = ?,"
+                    " reason = ?, spec = ?, params = ?, in_manifest = 1 WHERE name = ?",
+                    (row.phase, row.template, row.ord, row.fingerprint, state, reason, spec, params, row.name),
+                )
+        return changes
+
+    def set_state(self, name: str, state: str, reason: str | None = None) -> None:
+        assert state in STATES, state
+        with self.transaction() as db:
+            db.execute("UPDATE experiments SET state = ?, reason = ? WHERE name = ?", (state, reason, name))
+
+    def set_states(self, states: Mapping[str, tuple[str, str | None]]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE experiments SET state = ?, reason = ? WHERE name = ?",
+                [(state, reason, name) for name, (state, reason) in states.items()],
+            )
+
+    def reset(self, names: Sequence[str]) -> int:
+        """Forget outcomes so these run again (attempt history and numbering are kept)."""
+        with self.transaction() as db:
+            n = 0
+            for name in names:
+                cur = db.execute(
+                    "UPDATE experiments SET state = ?, reason = 'reset' WHERE name = ? AND state != ?",
+                    (PENDING, name, RUNNING),
+                )
+                n += cur.rowcount
+            return n
+
+    # --- attempts -----------------------------------------------------------------------
+
+    def next_attempt_number(self, name: str) -> int:
+        row = self._db.execute("SELECT MAX(number) FROM attempts WHERE experiment = ?", (name,)).fetchone()
+        return int(row[0] or 0) + 1
+
+    def begin_attempt(
+        self,
+        name: str,
+        number: int,
+        run_id: int | None,
+        node: str,
+        gpus: Sequence[int],
+        log_path: str,
+        budget_bytes: int | None,
+        now: float,
+    ) -> int:
+        """Record the attempt before its process exists (state launching), so a crash between
+        spawn and the pgid update still leaves a trace that recovery can follow."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO attempts (experiment, number, run_id, state, started_at, node, gpus, log_path, budget_bytes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, number, run_id, A_LAUNCHING, now, node, _gpus_text(gpus), log_path, budget_bytes),
+            )
+            db.execute("UPDATE experiments SET state = ?, reason = NULL WHERE name = ?", (RUNNING, name))
+            return int(cur.lastrowid or 0)
+
+    def attempt_launched(self, attempt_id: int, pgid: int) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE attempts SET state = ?, pgid = ? WHERE id = ?", (A_RUNNING, pgid, attempt_id))
+
+    def end_attempt(
+        self,
+        attempt_id: int,
+        attempt_state: str,
+        exit_code: int | None,
+        now: float,
+        experiment_state: str,
+        reason: str | None = None,
+        oom: bool = False,
+        note: str | None = None,
+    ) -> None:
+        """Close the attempt and move its experiment in one transaction."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE attempts SET state = ?, exit_code = ?, ended_at = ?, oom = ?, note = ? WHERE id = ?",
+                (attempt_state, exit_code, now, int(oom), note, attempt_id),
+            )
+            db.execute(
+                "UPDATE experiments SET state = ?, reason = ? WHERE name ="
+                " (SELECT experiment FROM attempts WHERE id = ?)",
+                (experiment_state, reason, attempt_id),
+            )
+
+    def record_usage(self, usage: Mapping[int, tuple[int | None, float | None]]) -> None:
+        """attempt id -> (peak bytes so far, mean utilization so far)."""
+        if not usage:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE attempts SET peak_bytes = ?, mean_util = ? WHERE id = ?",
+                [(peak, util, attempt_id) for attempt_id, (peak, util) in usage.items()],
+            )
+
+    def attempts(self, name: str | None = None, states: Sequence[str] | None = None) -> list[AttemptRow]:
+        query = (
+            "SELECT id, experiment, number, run_id, state, started_at, ended_at, exit_code, node, gpus, pgid,"
+            " log_path, budget_bytes, peak_bytes, mean_util, oom, note FROM attempts"
+        )
+        clauses: list[str] = []
+        args: list[object] = []
+        if name is not None:
+            clauses.append("experiment = ?")
+            args.append(name)
+        if states:
+            clauses.append(f"state IN ({','.join('?' * len(states))})")
+            args.extend(states)
+        if clauses:
+            query += " WHERE " + " AND ".join(clauses)
+        query += " ORDER BY id"
+        return [
+            AttemptRow(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], _gpus_tuple(r[9]), r[10], r[11], r[12],
+                r[13], r[14], bool(r[15]), r[16],
+            )
+            for r in self._db.execute(query, args).fetchall()
+        ]
+
+    # --- events and samples -------------------------------------------------------------
+
+    def event(self, kind: str, experiment: str | None, message: str, now: float | None = None) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO events (t, kind, experiment, message) VALUES (?, ?, ?, ?)",
+                (time.time() if now is None else now, kind, experiment, message),
+            )
+
+    def events(self, after_id: int = 0, limit: int | None = None) -> list[EventRow]:
+        query = "SELECT id, t, kind, experiment, message FROM events WHERE id > ? ORDER BY id"
+        args: list[object] = [after_id]
+        if limit is not None:
+            query = (
+                "SELECT * FROM (SELECT id, t, kind, experiment, message FROM events WHERE id > ?"
+                " ORDER BY id DESC LIMIT ?) ORDER BY id"
+            )
+            args.append(limit)
+        return [EventRow(*r) for r in self._db.execute(query, args).fetchall()]
+
+    def add_gpu_samples(self, t: float, samples: Sequence[tuple[str, int, float | None, int | None, int]]) -> None:
+        """samples: (node, gpu index, util percent, used bytes, total bytes)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO gpu_samples (t, node, gpu, util, used_bytes, total_bytes) VALUES (?, ?, ?, ?, ?, ?)",
+                [(t, *s) for s in samples],
+            )
+
+    def gpu_samples(self) -> list[tuple[float, str, int, float | None, int | None, int]]:
+        return list(self._db.execute("SELECT t, node, gpu, util, used_bytes, total_bytes FROM gpu_samples ORDER BY t"))
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", list(values.items()))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def integrity_ok(self) -> bool:
+        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Start a one-node Slurm test cluster (munge + slurmctld + slurmd) with 4 fake GPUs, for
+# gpupack's Slurm tests. Debian/Ubuntu, root, no systemd needed. Safe to run twice: a running
+# cluster with the same config is left alone; a changed config restarts both daemons.
+#
+# stdout: only the last line, `export SLURM_CONF=<dir>/etc/slurm.conf`, so that
+#     eval "$(slurm/testcluster/start.sh)"
+# sets up the shell; progress and errors go to stderr.
+# Exit codes: 0 up; 77 cannot run here (no root, no apt, not Debian): one-line reason on
+# stderr, tests skip with it; 1 failed to start (log tails on stderr).
+#
+# Environment (defaults in brackets):
+#   GPUPACK_SLURM_DIR [/tmp/gpupack-slurm-test]   configs, state, logs, fake devices
+#   GPUPACK_SLURM_CPUS [16]  GPUPACK_SLURM_GPUS [4]  CPUs and GPUs the node declares
+#   GPUPACK_SLURM_KILLWAIT [5]    seconds between SIGTERM and SIGKILL (cancel, time limit)
+#   GPUPACK_SLURM_CTLD_PORT [6817]  GPUPACK_SLURM_SLURMD_PORT [6818]
+#   GPUPACK_SLURM_START_TIMEOUT [30]  seconds to wait for the node to become usable
+set -euo pipefail
+
+DIR=${GPUPACK_SLURM_DIR:-/tmp/gpupack-slurm-test}
+CPUS=${GPUPACK_SLURM_CPUS:-16}
+GPUS=${GPUPACK_SLURM_GPUS:-4}
+KILLWAIT=${GPUPACK_SLURM_KILLWAIT:-5}
+CTLD_PORT=${GPUPACK_SLURM_CTLD_PORT:-6817}
+SLURMD_PORT=${GPUPACK_SLURM_SLURMD_PORT:-6818}
+TIMEOUT=${GPUPACK_SLURM_START_TIMEOUT:-30}
+NODE=$(hostname -s)
+CONF=$DIR/etc/slurm.conf
+export SLURM_CONF=$CONF
+
+say() { echo "start.sh: $*" >&2; }
+cannot() { say "cannot run here: $*"; exit 77; }
+fail() {
+    say "FAILED: $*"
+    for f in "$DIR"/log/slurmctld.log "$DIR"/log/slurmd.log; do
+        [[ -f $f ]] && { echo "--- tail $f" >&2; tail -n 20 "$f" >&2; }
+    done
+    exit 1
+}
+alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# Node states in which jobs can start (sinfo %T, lower case; a trailing * = not responding).
+node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
+usable() { case $(node_state) in idle|mixed|allocated|completing) return 0;; *) return 1;; esac; }
+
+export PATH=$PATH:/usr/sbin:/sbin
+need_pkgs=()
+for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair##*:}")
+done
+
+# --- configs (rendered, then compared with what runs, so a second run can tell whether anything changed).
+mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+# Slurm only sets CUDA_VISIBLE_DEVICES for GRES backed by a character device; a symlink to
+# /dev/null passes its stat() check, so no mknod is needed.
+gres_files="$DIR/dev/gpu[0-$((GPUS - 1))]"
+[[ $GPUS -eq 1 ]] && gres_files="$DIR/dev/gpu0"
+gres_node="Gres=gpu:$GPUS"
+[[ $GPUS -eq 0 ]] && gres_node=""
+render_slurm_conf() {
+cat <<CONF
+# Written by gpupack slurm/testcluster/start.sh; edits are overwritten.
+ClusterName=gpupacktest
+SlurmctldHost=$NODE(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire is also the delay before a requeued job may start again (default 120 s).
+AuthInfo=cred_expire=10
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SelectType=select/cons_tres
+# Cores only: memory is not consumable, so nothing blocks on memory.
+SelectTypeParameters=CR_Core
+# sbatch -> running in ~1 s, requeued jobs picked up within 5 s.
+SchedulerType=sched/backfill
+SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
+GresTypes=gpu
+ReturnToService=2
+# Lets the node declare more CPUs than the machine has (otherwise INVAL "Low CPUs").
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$DIR/log/jobcomp.txt
+KillWait=$KILLWAIT
+MinJobAge=300
+MailProg=/bin/true
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=${mem_mb:-1000} $gres_node State=UNKNOWN
+PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+CONF
+}
+render_gres_conf() { [[ $GPUS -eq 0 ]] || echo "Name=gpu File=$gres_files"; }
+same_config() { cmp -s <(render_slurm_conf) "$CONF" && cmp -s <(render_gres_conf) "$DIR/etc/gres.conf"; }
+
+# Already up with this very config (the common case of a second run): nothing to do, any user.
+if [[ ${#need_pkgs[@]} -eq 0 ]] && alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" \
+    && same_config && usable; then
+    say "already running ($DIR)"
+    echo "export SLURM_CONF=$CONF"
+    exit 0
+fi
+
+[[ $(id -u) -eq 0 ]] || cannot "needs root to install and start munge/slurmctld/slurmd (uid $(id -u))"
+
+if [[ ${#need_pkgs[@]} -gt 0 ]]; then
+    command -v apt-get >/dev/null || cannot "packages missing (${need_pkgs[*]}) and no apt-get"
+    say "installing ${need_pkgs[*]}"
+    # The postinsts would start the daemons with the distribution's config; forbid that when the
+    # image does not already (Debian docker images ship a policy-rc.d that exits 101).
+    made_policy=""
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    # Without --no-install-recommends apt pulls ~40 plugin packages (hdf5, rocm-smi, influxdb).
+    if ! { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends munge slurmctld slurmd slurm-client >&2; }; then
+        [[ -n $made_policy ]] && rm -f /usr/sbin/policy-rc.d
+        cannot "apt-get install munge slurmctld slurmd slurm-client failed"
+    fi
+    [[ -n $made_policy ]] && rm -f /usr/sbin/policy-rc.d
+fi
+
+mkdir -p "$DIR"
+exec 9>"$DIR/.lock"
+flock -w 60 9 || fail "another start.sh/stop.sh holds $DIR/.lock"
+
+# --- munge: reuse a running munged (system or ours), else start one without systemd.
+if [[ ! -s /etc/munge/munge.key ]]; then
+    mungekey --create --keyfile=/etc/munge/munge.key
+    chown munge:munge /etc/munge/munge.key && chmod 0400 /etc/munge/munge.key
+fi
+if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    install -d -o munge -g munge -m 0755 /run/munge
+    runuser -u munge -- munged
+    touch "$DIR/.munged-ours"
+    munge -n | unmunge >/dev/null || fail "munged started but munge -n | unmunge fails"
+fi
+
+stop_daemon() {  # pidfile: SIGTERM, then wait (slurmctld takes ~2 s)
+    local pidf=$1 pid
+    alive "$pidf" || return 0
+    pid=$(cat "$pidf")
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+    say "pid $pid ignores SIGTERM; SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+}
+
+running=""
+alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" && running=1
+if [[ -n $running ]] && same_config; then
+    say "daemons running with this config"
+else
+    # A changed slurm.conf needs both daemons restarted (slurmd alone: "different slurm.conf").
+    stop_daemon "$DIR/run/slurmd.pid"
+    stop_daemon "$DIR/run/slurmctld.pid"
+    # Only one cluster per port: refuse to fight a slurmctld that is not ours.
+    if others=$(pgrep -x slurmctld); then
+        fail "another slurmctld is running (pid $others); stop it or set GPUPACK_SLURM_CTLD_PORT/GPUPACK_SLURM_SLURMD_PORT"
+    fi
+    mkdir -p "$DIR"/{etc,state,spool,run,log,dev}
+    for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
+    render_slurm_conf >"$CONF"
+    render_gres_conf >"$DIR/etc/gres.conf"   # slurmd reads it from slurm.conf's directory
+    # -c: forget saved job and node state, so a node DRAINed by an earlier bad start comes back.
+    slurmctld -c -f "$CONF" || fail "slurmctld did not start"
+    slurmd -f "$CONF" -N "$NODE" || fail "slurmd did not start"
+    say "started slurmctld and slurmd ($DIR)"
+fi
+
+deadline=$((SECONDS + TIMEOUT))
+resumed=""
+until usable; do
+    state=$(node_state || true)
+    if [[ -z $resumed && $state =~ drain|down|inval|fail ]]; then
+        scontrol update nodename="$NODE" state=resume >&2 2>/dev/null || true
+        resumed=1
+    fi
+    ((SECONDS < deadline)) || fail "node $NODE not usable after ${TIMEOUT}s (sinfo state: '${state:-none}')"
+    sleep 0.1
+done
+say "node $NODE is $(node_state): $CPUS CPUs, gpu:$GPUS"
+echo "export SLURM_CONF=$CONF"
