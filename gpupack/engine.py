@@ -44,6 +44,7 @@ from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3
+IDLE_TICKS_BEFORE_GIVING_UP = 3
 OOM_GROWTH = 1.25
 
 _TO_POLICY = {
@@ -215,12 +216,17 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def _pending(self) -> bool:
+        return any(s in (PENDING, INTERRUPTED) for s in self.states.values())
+
     def run(self) -> int:
+        idle_ticks = 0
         while True:
             now = self.clock()
+            self._reap(now)
+            # Read after reaping so the memory of what just ended is not counted as used.
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
-            self._reap(now)
             if self.stop_reason is not None:
                 return self._shutdown()
             self._mark_doomed()
@@ -240,7 +246,14 @@ class Engine:
                 self._launch(placement, now)
             self.on_tick(now)
             if not self.running and not decision.placements:
-                return self._finish(decision)
+                # Nothing runs and nothing starts. Live readings can lag the exit of a process
+                # (the driver frees memory late), so look again a few times before concluding.
+                idle_ticks += 1
+                if idle_ticks >= IDLE_TICKS_BEFORE_GIVING_UP or not self._pending():
+                    return self._finish(decision)
+                self._sleep(min(self.options.poll_s, 1.0))
+                continue
+            idle_ticks = 0
             adopted = any(r.handle.popen is None for r in self.running.values())
             self._sleep(min(self.options.poll_s, 1.0) if adopted else self.options.poll_s)
 

@@ -37,7 +37,7 @@ import string
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +112,13 @@ _MAX_BYTES = 2**63 - 1  # what SQLite and NVML arithmetic hold
 
 
 def _number_value(value: object, what: str) -> int | float:
-    """An int or float from YAML, refusing the bools YAML also reads as numbers' kin."""
+    """An int or float from YAML; bools (YAML's true is an int to Python) are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected {what}, got {_show(value)}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} can't be negative or infinite, got {_show(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected {what}, got {_show(value)}")
+    if value < 0:
+        raise ValueError(f"must not be negative, got {_show(value)}")
     return value
 
 
@@ -140,37 +142,33 @@ def parse_size(text: str | int) -> int:
 
 
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([dhms])\s*", re.IGNORECASE)
-_CLOCK_RE = re.compile(r"(?:(\d+)-)?(\d+):([0-5]\d):([0-5]\d)|(\d+):([0-5]\d)")  # Slurm's forms
+_NUMBER = r"(\d{1,15}(?:\.\d{0,15})?|\.\d{1,15})"
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}\s*[dhms]\s*)+", re.IGNORECASE)
+_DURATION_PART = re.compile(rf"{_NUMBER}\s*([dhms])", re.IGNORECASE)
+_CLOCK_RE = re.compile(r"(?:(\d{1,5})-)?(\d{1,6}):([0-5]\d):([0-5]\d)|(\d{1,6}):([0-5]\d)")  # Slurm's forms
 _DURATION_HINT = "use 90s, 15m, 2h, 1d, 1h30m, seconds or [D-]HH:MM:SS"
 
 
 def parse_duration(text: str | int | float) -> float:
     """Seconds from "90s" "15m" "2h" "1d" "1h30m", Slurm's "[D-]HH:MM:SS" / "MM:SS", or a number."""
     if not isinstance(text, str):
-        return float(_number_value(text, "a duration like 2h"))
+        value = _number_value(text, "a duration like 2h")
+        if value > 1e12:  # float() of a 400-digit int overflows; no estimate is 30,000 years
+            raise ValueError(f"duration {_show(text)} is too long")
+        return float(value)
     s = text.strip()
-    bad = ValueError(f"bad duration {_show(text)} ({_DURATION_HINT})")
-    try:
-        seconds = float(Decimal(s)) if re.fullmatch(r"\d+(?:\.\d*)?|\.\d+", s) else None
-    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
-        raise bad from None
-    if seconds is None and (clock := _CLOCK_RE.fullmatch(s)):
+    if re.fullmatch(_NUMBER, s):
+        return float(s)
+    if clock := _CLOCK_RE.fullmatch(s):
         days, hours, minutes, secs, mm, ss = (int(g) if g else 0 for g in clock.groups())
-        seconds = float(days * 86400 + hours * 3600 + minutes * 60 + secs + mm * 60 + ss)
-    if seconds is None:
+        return float(days * 86400 + hours * 3600 + (minutes + mm) * 60 + secs + ss)
+    if _DURATION_RE.fullmatch(s):
         parts = [(float(n), u.lower()) for n, u in _DURATION_PART.findall(s)]
         units = [u for _, u in parts]
-        order = "dhms"
         # "30m1h" or "1h1h" is a typo, not a sum to guess at.
-        if not parts or "".join(f"{n}{u}" for n, u in _DURATION_PART.findall(s)).lower() != re.sub(
-            r"\s+", "", s
-        ).lower() or units != sorted(set(units), key=order.index):
-            raise bad
-        seconds = sum(n * _DURATION_UNITS[u] for n, u in parts)
-    if not math.isfinite(seconds):
-        raise bad
-    return seconds
+        if units == sorted(set(units), key="dhms".index):
+            return sum(n * _DURATION_UNITS[u] for n, u in parts)
+    raise ValueError(f"bad duration {_show(text)} ({_DURATION_HINT})")
 
 
 # --------------------------------------------------------------------------- messages
@@ -183,10 +181,9 @@ def _show(value: object) -> str:
     if value is None or isinstance(value, (str, int, float)):
         text = repr(value)  # escapes newlines, NUL and lone surrogates
         return text if len(text) <= 60 else text[:57] + "..."
-    if isinstance(value, Mapping):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
+    if isinstance(value, (Mapping, list)):
+        kind = "mapping" if isinstance(value, Mapping) else "list"
+        return f"an empty {kind}" if not value else f"a {kind}"
     return f"a {type(value).__name__}"  # never repr() a container: YAML aliases make it exponential
 
 
@@ -195,9 +192,14 @@ def _label(name: str) -> str:
     return name if name.isprintable() and name.strip() == name and name else _show(name)
 
 
-def _nearest(word: object, choices: list[str]) -> str:
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6) if len(choices) < 5000 else []
-    return f"did you mean {close[0]!r}?" if close else f"valid: {', '.join(choices)}"
+def _nearest(word: object, choices: list[str], list_all: bool = True) -> str:
+    """" (did you mean 'x'?)", else the valid choices, or nothing where they are too many."""
+    if len(choices) > 5000:  # difflib is quadratic-ish; 100,000 names would take seconds
+        return ""
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (valid: {', '.join(choices)})" if list_all else ""
 
 
 def _text_problem(text: str) -> str | None:
@@ -264,10 +266,6 @@ class _Template:
 
     pieces: tuple[tuple[str, str | None, str], ...]  # (literal, placeholder or None, format spec)
 
-    @property
-    def fields(self) -> list[str]:
-        return [f for _, f, _ in self.pieces if f is not None]
-
     def render(self, values: Mapping[str, object]) -> str:
         return "".join(lit + (_render_scalar(values[f], spec) if f else "") for lit, f, spec in self.pieces)
 
@@ -294,15 +292,7 @@ def _compile(text: str, allowed: tuple[str, ...], name_field: bool = False) -> _
         if name not in allowed:
             if name_field and name in BUILTIN_PLACEHOLDERS:
                 raise ValueError(f"placeholder {{{name}}} can't be used in the name (it is made from the name)")
-            raise ValueError(f"unknown placeholder {_show(written)}{shell} ({_nearest(name, list(allowed))})")
-        if spec:
-            try:
-                format(0, spec) if True else None  # validate the spec's grammar early
-            except ValueError:
-                try:
-                    format("", spec)
-                except ValueError:
-                    raise ValueError(f"bad format spec in {_show(written)}") from None
+            raise ValueError(f"unknown placeholder {_show(written)}{shell}{_nearest(name, list(allowed))}")
         pieces.append((literal, name, spec or ""))
     return _Template(tuple(pieces))
 
@@ -375,18 +365,31 @@ def _is_scalar(value: object) -> bool:
 _RESERVED_ENV = re.compile(r"CUDA_VISIBLE_DEVICES|GPUPACK_.*")
 
 
+class _Invalid(ValueError):
+    """Several problems of one field, each under its own sub-field (".KEY")."""
+
+    def __init__(self, items: list[tuple[str, str]]):
+        super().__init__("; ".join(what for _, what in items))
+        self.items = items
+
+
 def _env(value: object) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise ValueError(f"expected a mapping NAME: value, got {_show(value)}")
-    env = {}
+    env, bad = {}, []
     for key, item in value.items():
         if not isinstance(key, str) or not key or "=" in key or _text_problem(key):
-            raise ValueError(f"bad variable name {_show(key)}")
-        if _RESERVED_ENV.fullmatch(key):
-            raise ValueError(f"{key} is set by gpupack for each attempt")
-        if not _is_scalar(item):
-            raise ValueError(f"{key}: expected a string or number, got {_show(item)}")
-        env[key] = _render_scalar(item)
+            bad.append(("", f"bad variable name {_show(key)}"))
+        elif _RESERVED_ENV.fullmatch(key):
+            bad.append((f".{key}", "set by gpupack for each attempt; leave it out"))
+        elif isinstance(item, str) and (why := _text_problem(item)):
+            bad.append((f".{key}", f"value {why}"))
+        elif not _is_scalar(item):
+            bad.append((f".{key}", f"expected a string or number, got {_show(item)}"))
+        else:
+            env[key] = _render_scalar(item)
+    if bad:
+        raise _Invalid(bad)
     return env
 
 
@@ -466,27 +469,32 @@ class _Builder:
         self.path, self.text, self.capacity = path, text, gpu_capacity_bytes
         self.problems = _Problems(shown)
 
+    def _report(self, who: str, where: str, error: ValueError) -> None:
+        for sub, what in getattr(error, "items", [("", str(error))]):
+            self.problems.add(who, where + sub, what)
+
     def _field(self, who: str, where: str, parse: Callable[[Any], Any], value: object) -> Any:
         try:
             return parse(value)
         except ValueError as e:
-            self.problems.add(who, where, str(e))
+            self._report(who, where, e)
             return None
 
     def _keys(self, who: str, mapping: Mapping[Any, Any], valid: list[str], where: str = "") -> None:
         for key in mapping:
             if key not in valid:
-                self.problems.add(who, f"{where}{_show(key) if not isinstance(key, str) else key}",
-                                  f"unknown key ({_nearest(key, valid)})")
+                self.problems.add(who, where + (_label(key) if isinstance(key, str) else _show(key)),
+                                  f"unknown key{_nearest(key, valid)}")
 
     def _fields(self, who: str, raw: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
         """The experiment fields present in `raw`, parsed; bad ones are reported and left out."""
         parsed = {}
         for key, parse in _FIELDS.items():
             if key in raw:
-                value = self._field(who, prefix + key, parse, raw[key])
-                if value is not None or raw[key] is None:
-                    parsed[key] = value
+                try:
+                    parsed[key] = parse(raw[key])
+                except ValueError as e:
+                    self._report(who, prefix + key, e)
         return parsed
 
     def _templates(self, who: str, where: str, texts: Any, allowed: tuple[str, ...]) -> Any:
@@ -509,7 +517,7 @@ class _Builder:
             raise self.problems.error()
         self._keys("manifest", data, _TOP_KEYS)
         base = self.path.parent
-        name = self._field("manifest", "name", _run_name, data.get("name"))
+        name = self._field("manifest", "name", _run_name, data.get("name"))  # None: missing
         runs_dir = self._field("manifest", "runs_dir", _path_text, data.get("runs_dir", "runs"))
         workdir_text = self._field("manifest", "workdir", _path_text, data.get("workdir", "."))
         workdir = Path(os.path.abspath(base / os.path.expanduser(workdir_text or ".")))
@@ -522,7 +530,11 @@ class _Builder:
         if not isinstance(defaults, Mapping):
             self.problems.add("manifest", "defaults", f"expected a mapping of experiment fields, got {_show(defaults)}")
             defaults = {}
-        self._keys("manifest", defaults, list(_FIELDS), "defaults.")
+        for key in ("name", "cmd", "grid"):
+            if key in defaults:
+                self.problems.add("manifest", f"defaults.{key}", "can't have a default: set it in each experiment")
+        self._keys("manifest", {k: v for k, v in defaults.items() if k not in ("name", "cmd", "grid")},
+                   list(_FIELDS), "defaults.")
         merged = {**_BUILTIN_VALUES, **self._fields("manifest", defaults, "defaults.")}
         for key in _TEMPLATED:
             merged[key] = self._templates("manifest", f"defaults.{key}", merged[key], BUILTIN_PLACEHOLDERS)
@@ -596,20 +608,20 @@ class _Builder:
         if not isinstance(cmd, str) or not cmd.strip():
             self.problems.add(who, "cmd", f"expected a non-empty string, got {_show(cmd) if 'cmd' in raw else 'nothing'}")
             cmd = None
-        values = {**merged, **self._fields(who, raw)}
-        for key in _TEMPLATED:
-            if key in raw and isinstance(values[key], tuple) and all(isinstance(v, str) for v in values[key]):
-                values[key] = self._templates(who, key, values[key], allowed)
-        own_env = self._templates(who, "env", values["env"], allowed) if "env" in raw else {}
-        if (self.capacity is not None and values["gpus"] and values["mem"] is not None
-                and values["mem"] > self.capacity):
-            self.problems.add(who, "mem", f"{_show(raw.get('mem', merged['mem']))} is more than a GPU holds "
+        own = self._fields(who, raw)
+        for key in (*_TEMPLATED, "env"):
+            if key in own:
+                own[key] = self._templates(who, key, own[key], allowed)
+        values = {**merged, **own}
+        mem = values["mem"]
+        if self.capacity is not None and values["gpus"] and mem is not None and mem > self.capacity:
+            self.problems.add(who, "mem", f"{mem / 1e9:.1f} GB is more than a GPU holds "
                               f"({self.capacity / 1e9:.1f} GB): can't fit on any GPU")
         return _Spec(
             who, template or who, phase, name,
             self._field(who, "cmd", lambda t: _compile(t, allowed), cmd) if cmd is not None else None,
             grid, values, values.pop("depends_on"), values.pop("outputs"),
-            {**merged["env"], **own_env},
+            {**merged["env"], **own.get("env", {})},
         )
 
     def _grid(self, who: str, raw: object) -> list[tuple[str, list[Any]]]:
@@ -625,10 +637,8 @@ class _Builder:
             elif not isinstance(values, list) or not values:
                 hint = f" (write [{_show(values)}])" if _is_scalar(values) else ""
                 self.problems.add(who, f"grid.{key}", f"expected a non-empty list of values, got {_show(values)}{hint}")
-            elif bad := next((v for v in values if not _is_scalar(v)), None) if not all(map(_is_scalar, values)) else None:
-                self.problems.add(who, f"grid.{key}", f"values must be strings or numbers, got {_show(bad)} (quote it)")
-            elif not all(map(_is_scalar, values)):
-                self.problems.add(who, f"grid.{key}", "values must be strings or numbers (quote them)")
+            elif bad := [v for v in values if not _is_scalar(v)]:
+                self.problems.add(who, f"grid.{key}", f"values must be strings or numbers, got {_show(bad[0])} (quote it)")
             else:
                 grid.append((key, values))
         return grid
@@ -636,7 +646,7 @@ class _Builder:
 
 def _run_name(value: object) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"expected a string, got {_show(value) if value is not None else 'nothing'}")
+        raise ValueError(f"expected a string (the run directory's name), got {_show(value)}")
     why = _dirname_problem(value)
     if why:
         raise ValueError(why)
@@ -654,6 +664,7 @@ class _Expansion:
 
     def __init__(self, problems: _Problems, run_dir: Path, workdir: Path, phases: list[Phase]):
         self.problems, self.run_dir, self.workdir, self.phases = problems, run_dir, workdir, phases
+        self.globs: dict[str, list[str]] = {}
 
     def run(self, specs: list[_Spec]) -> tuple[Experiment, ...]:
         records: dict[str, tuple[_Spec, dict[str, Any], list[str]]] = {}
@@ -724,8 +735,8 @@ class _Expansion:
                     self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no other experiment")
                 deps.update(dict.fromkeys(matched))
             else:
-                self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no experiment "
-                                  f"({_nearest(pattern, list(records)) if len(records) < 5000 else 'check the name'})")
+                self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no experiment"
+                                  + _nearest(pattern, list(records), list_all=False))
         for dep in deps:
             later = records[dep][0].phase
             if later.index > spec.phase.index and any(p.barrier for p in self.phases[spec.phase.index + 1 : later.index + 1]):
@@ -733,14 +744,12 @@ class _Expansion:
                                   f"which waits at a barrier for phase {_label(spec.phase.name)} to end: deadlock")
         return tuple(deps)
 
-    _glob_cache: dict[str, list[str]] = {}
-
     def _glob(self, pattern: str, records: dict[str, Any]) -> list[str]:
-        cache = self.__dict__.setdefault("_globs", {})
-        if pattern not in cache:
+        # Cached: a grid repeats each substituted pattern, and every match scans all names.
+        if pattern not in self.globs:
             match = re.compile(fnmatch.translate(pattern)).match  # case-sensitive, unlike fnmatch.filter
-            cache[pattern] = [n for n in records if match(n)]
-        return cache[pattern]
+            self.globs[pattern] = [n for n in records if match(n)]
+        return self.globs[pattern]
 
 
 def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:

@@ -365,8 +365,8 @@ def place(
     long queue behind full GPUs costs a dict lookup each.
     """
     waiting: dict[str, str] = {}
-    candidates = _candidates(requests, states, waiting)
-    cp = _critical_paths(requests, states)
+    candidates, live = _candidates(requests, states, waiting)
+    cp = _critical_paths(live)
     candidates.sort(
         key=lambda r: (r.phase_index, -cp.get(r.name, 0.0), r.time_s is None, -(r.time_s or 0.0), r.order)
     )
@@ -455,16 +455,22 @@ def _backfill_filters(
     return gpu_ok, node_ok
 
 
-def _candidates(requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str]) -> list[Request]:
-    """PENDING requests free to start; the others get their reason in `waiting`."""
-    def state(name: str) -> State:
-        return states.get(name, State.PENDING)
-
-    unended = Counter(r.phase_index for r in requests if not state(r.name).ended)
-    phase_of: dict[int, Request] = {}
+def _candidates(
+    requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str]
+) -> tuple[list[Request], dict[str, Request]]:
+    """PENDING requests free to start, and every not-ended request by name; the pending ones
+    that may not start get their reason in `waiting`. One pass over `requests`: most have ended."""
+    pending, running = State.PENDING, State.RUNNING
+    live: dict[str, Request] = {}
+    phase_of: dict[int, Request] = {}  # phase -> its first request (barrier flag, name)
     for r in requests:
-        phase_of.setdefault(r.phase_index, r)
-    blocked: dict[int, tuple[Request, int]] = {}  # phase -> (first request of the closed barrier phase, count)
+        if r.phase_index not in phase_of:
+            phase_of[r.phase_index] = r
+        st = states.get(r.name, pending)
+        if st is pending or st is running:
+            live[r.name] = r
+    unended = Counter(r.phase_index for r in live.values())
+    blocked: dict[int, tuple[Request, int]] = {}  # phase -> (the closed barrier's phase, count before it)
     behind, before = None, 0
     for idx in sorted(phase_of):
         if phase_of[idx].barrier:
@@ -474,31 +480,30 @@ def _candidates(requests: Sequence[Request], states: Mapping[str, State], waitin
         before += unended[idx]
 
     out = []
-    for r in requests:
-        if state(r.name) is not State.PENDING:
+    for r in live.values():
+        if states.get(r.name, pending) is not pending:
             continue
         if r.phase_index in blocked:
             first, n = blocked[r.phase_index]
             phase = first.phase or f"#{first.phase_index}"
             waiting[r.name] = f"behind the barrier of phase {phase}: {n} earlier experiment{'s' * (n != 1)} not ended"
             continue
-        unmet = [d for d in r.depends_on if state(d) is not State.SUCCEEDED]
+        unmet = [d for d in r.depends_on if states.get(d, pending) is not State.SUCCEEDED]
         if not unmet:
             out.append(r)
             continue
-        dead = next((d for d in unmet if state(d) in (State.FAILED, State.SKIPPED)), None)
+        dead = next((f"dependency {d} {why}" for d in unmet if (why := _ended_badly(states.get(d, pending)))), "")
         more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
-        waiting[r.name] = _dead_reason(dead, state(dead)) if dead else f"waiting for dependency {unmet[0]}{more}"
-    return out
+        waiting[r.name] = dead or f"waiting for dependency {unmet[0]}{more}"
+    return out, live
 
 
-def _critical_paths(requests: Sequence[Request], states: Mapping[str, State]) -> dict[str, float]:
+def _critical_paths(live: Mapping[str, Request]) -> dict[str, float]:
     """Own time + longest chain of not-ended dependants' times, for every not-ended request.
 
     Walks the dependency graph once from its sinks (Kahn), so a 10,000-long chain costs no
     recursion. Members of a cycle (the manifest refuses them) keep their own time.
     """
-    live = {r.name: r for r in requests if not states.get(r.name, State.PENDING).ended}
     dependants = dict.fromkeys(live, 0)
     for r in live.values():
         for d in r.depends_on:
@@ -524,28 +529,23 @@ def _critical_paths(requests: Sequence[Request], states: Mapping[str, State]) ->
 def doomed(requests: Sequence[Request], states: Mapping[str, State]) -> dict[str, str]:
     """PENDING experiments that can never start because a dependency FAILED or was SKIPPED,
     directly or through another doomed one, each with its reason; the engine marks them SKIPPED."""
-    def state(name: str) -> State:
-        return states.get(name, State.PENDING)
-
-    pending = [r for r in requests if state(r.name) is State.PENDING]
+    pending = State.PENDING
+    waiting = [r for r in requests if r.depends_on and states.get(r.name, pending) is pending]
     dependants: dict[str, list[Request]] = {}
-    for r in pending:
+    out: dict[str, str] = {}
+    cause: dict[str, str] = {}  # doomed name -> the failure at the bottom of its chain
+    for r in waiting:
         for d in r.depends_on:
             dependants.setdefault(d, []).append(r)
-    out: dict[str, str] = {}
-    root: dict[str, str] = {}  # doomed name -> the failure at the bottom of its chain
-    queue: list[str] = []
-    for r in pending:
-        dead = next((d for d in r.depends_on if state(d) in (State.FAILED, State.SKIPPED)), None)
-        if dead is not None:
-            out[r.name] = _dead_reason(dead, state(dead))
-            root[r.name] = f"{dead} {'failed' if state(dead) is State.FAILED else 'was skipped'}"
-            queue.append(r.name)
+            if r.name not in out and (why := _ended_badly(states.get(d, pending))):
+                out[r.name] = f"dependency {d} {why}"
+                cause[r.name] = f"{d} {why}"
+    queue = list(out)
     for name in queue:  # breadth first: the shortest chain names the cause
         for r in dependants.get(name, ()):
             if r.name not in out:
-                out[r.name] = f"dependency {name} will not run ({root[name]})"
-                root[r.name] = root[name]
+                out[r.name] = f"dependency {name} will not run ({cause[name]})"
+                cause[r.name] = cause[name]
                 queue.append(r.name)
     return out
 
@@ -576,8 +576,9 @@ def unfit_reason(
     return None
 
 
-def _dead_reason(dep: str, state: State) -> str:
-    return f"dependency {dep} failed" if state is State.FAILED else f"dependency {dep} was skipped"
+def _ended_badly(state: State) -> str:
+    """How a dependency ended such that its dependants can never run ("" if it did not)."""
+    return "failed" if state is State.FAILED else "was skipped" if state is State.SKIPPED else ""
 
 
 def _fmt_bytes(n: int) -> str:

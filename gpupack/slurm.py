@@ -30,11 +30,15 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .engine import Hooks
 
 GpuMode = Literal["gres-none", "overlap"]
 GPU_MODES: tuple[GpuMode, ...] = ("gres-none", "overlap")
@@ -304,13 +308,55 @@ def resubmit(
     return out.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
 
 
-def job_script(job_id: str, *, run: Runner = run_command) -> str | None:
-    """Path of the batch script the job was submitted with (None for `sbatch --wrap`)."""
-    info = show_job(job_id, run=run)
-    command = (info or {}).get("Command", "")
+def job_script(job_id: str, args: Sequence[str] = (), *, run: Runner = run_command) -> str | None:
+    """Path of the batch script the job was submitted with; None for `sbatch --wrap` or stdin.
+
+    `scontrol show job` joins the path and the script's arguments with spaces (Command=); the
+    known `args` are cut off the end, so a path with spaces survives when they are given."""
+    command = (show_job(job_id, run=run) or {}).get("Command", "").strip()
     if not command or command == "(null)":
         return None
+    tail = " ".join(args)
+    if tail and command.endswith(" " + tail):
+        return command[: -len(tail) - 1].strip()
     return command.split()[0]
+
+
+def engine_hooks(
+    allocation: Allocation, max_requeues: int, *, run_args: Sequence[str] | None = None,
+    run: Runner = run_command,
+) -> "Hooks":
+    """The engine's view of Slurm: time left (refreshed now and then) and the end-of-allocation
+    action: requeue while `allocation.restart_count < max_requeues`, else nothing; where requeue
+    is disabled, resubmit the batch script with `run_args` (default: this process's arguments
+    after `run`, i.e. what parallel.slurm passed to `gpupack run`)."""
+    from .engine import Hooks  # the engine owns the type; it never imports this module
+
+    job = allocation.job_id
+    clock = AllocationClock(job, query=lambda j, now: end_time(j, now, run=run))
+    if run_args is None:
+        argv = sys.argv
+        run_args = argv[argv.index("run") + 1 :] if "run" in argv else []
+    args = list(run_args)
+
+    def end_of_allocation() -> str | None:
+        done = allocation.restart_count
+        if done >= max_requeues:
+            return f"not requeued: job {job} has been requeued {done} times (--max-requeues {max_requeues})"
+        if requeue(job, run=run):
+            return f"requeued job {job} (run {done + 2})"
+        script = job_script(job, args, run=run)
+        new = resubmit(script, args, job_id=job, run=run) if script else None
+        if new:
+            return f"requeue disabled for job {job}; resubmitted {script} as job {new}"
+        return f"job {job} could neither be requeued nor resubmitted; submit it again to resume"
+
+    return Hooks(
+        time_left=clock.time_left_s,
+        requeue=end_of_allocation,
+        cpus_per_node=dict(zip(allocation.nodes, allocation.cpus_per_node)) or None,
+        job_id=job,
+    )
 
 
 # --- job steps ----------------------------------------------------------------------------------
@@ -332,7 +378,8 @@ def srun_argv(
     --exact gives the step its own cores (without it a step takes all of the job's CPUs and
     steps serialize); --export=ALL because a job submitted with --export=NONE hands
     SLURM_EXPORT_ENV=NONE to srun, which would drop gpupack's variables. In "overlap" mode
-    `node_gpus` is the number of GPUs the job holds on `node`."""
+    `node_gpus` is the number of GPUs the job holds on `node` (None: Slurm's default, all).
+    `env` sets CUDA_VISIBLE_DEVICES inside the step: slurmstepd strips one passed in."""
     if mode not in GPU_MODES:
         raise ValueError(f"unknown GPU mode {mode!r}: expected one of {', '.join(GPU_MODES)}")
     if cpus < 1:
@@ -347,9 +394,8 @@ def srun_argv(
         # A step with no GPU option asks for all of the job's GPUs and waits for them.
         return argv + ["--gres=none", "env", "-u", "CUDA_VISIBLE_DEVICES", *inner_argv]
     if mode == "overlap":
-        if not node_gpus or any(not 0 <= i < node_gpus for i in gpu_indices):
-            raise ValueError(f"overlap mode needs node_gpus covering {gpu_indices}, got {node_gpus}")
-        argv += ["--overlap", f"--gres=gpu:{node_gpus}"]
+        # Without --gres a step asks for all of the job's GPUs on its node (Slurm >= 20.11).
+        argv += ["--overlap"] + ([f"--gres=gpu:{node_gpus}"] if node_gpus else [])
     else:
         argv += ["--gres=none"]
     visible = ",".join(str(i) for i in gpu_indices)

@@ -1,0 +1,466 @@
+"""Placement policy: table-style cases on hand-built snapshots (sizes in GB = 10^9 bytes).
+
+Each case states the arithmetic that decides it. No processes, no clock: `now` is an argument.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpupack import policy
+from gpupack.policy import (
+    Decision,
+    GpuSnapshot,
+    Limits,
+    Occupant,
+    Request,
+    State,
+    doomed,
+    place,
+    unfit_reason,
+)
+
+GB = 10**9
+H = 3600.0
+
+
+def req(name: str, order: int = 0, mem: float | None = 10, **kw: object) -> Request:
+    """A 1-GPU request of `mem` GB in phase 0 unless told otherwise."""
+    kw.setdefault("phase_index", 0)
+    kw.setdefault("barrier", False)
+    return Request(name=name, order=order, mem_bytes=None if mem is None else int(mem * GB), **kw)  # type: ignore[arg-type]
+
+
+def gpu(index: int, total: float = 80, free: float | None = -1, node: str = "n0") -> GpuSnapshot:
+    """free=-1 (default): the reading shows the whole GPU free; None: no reading."""
+    free_bytes = int(total * GB) if free == -1 else None if free is None else int(free * GB)
+    return GpuSnapshot(node=node, index=index, total_bytes=int(total * GB), free_bytes=free_bytes)
+
+
+def occ(name: str, *gpus: int | tuple[str, int], budget: float | None = 10, observed: float = 0, **kw: object) -> Occupant:
+    keys = tuple(g if isinstance(g, tuple) else ("n0", g) for g in gpus)
+    budget_bytes = None if budget is None else int(budget * GB)
+    return Occupant(name=name, gpus=keys, budget_bytes=budget_bytes, observed_bytes=int(observed * GB), **kw)  # type: ignore[arg-type]
+
+
+def decide(
+    requests: Sequence[Request],
+    gpus: Sequence[GpuSnapshot],
+    occupants: Sequence[Occupant] = (),
+    states: dict[str, State] | None = None,
+    now: float = 0.0,
+    **limits: object,
+) -> Decision:
+    all_states = {r.name: State.PENDING for r in requests}
+    all_states.update({o.name: State.RUNNING for o in occupants})
+    all_states.update(states or {})
+    return place(requests, all_states, gpus, occupants, now, Limits(**limits))  # type: ignore[arg-type]
+
+
+def placed(d: Decision) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {p.name: (p.node, p.gpus) for p in d.placements}
+
+
+# --- priority ------------------------------------------------------------------------------------
+# One 80 GB GPU and 60 GB requests: 60 + 60 > 80, so exactly one starts and the order shows.
+
+
+def test_earlier_phase_goes_first_even_if_listed_later() -> None:
+    d = decide([req("late", 0, 60, phase_index=1), req("early", 1, 60)], [gpu(0)])
+    assert placed(d) == {"early": ("n0", (0,))}
+
+
+@pytest.mark.parametrize(
+    "times, winner",
+    [
+        ((10 * 60, 2 * H, None), "e1"),  # longest estimate first
+        ((None, 10 * 60), "e1"),  # unknown time goes last
+        ((H, H), "e0"),  # equal: manifest order
+        ((None, None), "e0"),
+    ],
+)
+def test_longest_time_first_unknown_last_then_manifest_order(times: tuple[float | None, ...], winner: str) -> None:
+    d = decide([req(f"e{i}", i, 60, time_s=t) for i, t in enumerate(times)], [gpu(0)])
+    assert [p.name for p in d.placements] == [winner]
+
+
+def test_manifest_order_not_list_order_breaks_ties() -> None:
+    d = decide([req("second", 2, 60, time_s=H), req("first", 1, 60, time_s=H)], [gpu(0)])
+    assert [p.name for p in d.placements] == ["first"]
+
+
+def test_critical_path_beats_a_longer_single_job() -> None:
+    # a (1h) feeds c (3h): path 4h; b alone is 2h. Longest-first alone would pick b.
+    reqs = [req("a", 0, 60, time_s=H), req("b", 1, 60, time_s=2 * H), req("c", 2, 60, time_s=3 * H, depends_on=("a",))]
+    d = decide(reqs, [gpu(0)])
+    assert [p.name for p in d.placements] == ["a"]
+    assert d.waiting["c"] == "waiting for dependency a"
+
+
+def test_critical_path_ignores_ended_dependants_and_counts_unknown_as_zero() -> None:
+    # c already succeeded (earlier run): a's path is its own 1h < b's 2h. d's time is unknown: adds 0.
+    reqs = [
+        req("a", 0, 60, time_s=H),
+        req("b", 1, 60, time_s=2 * H),
+        req("c", 2, 60, time_s=3 * H, depends_on=("a",)),
+        req("d", 3, 60, depends_on=("a",)),
+    ]
+    d = decide(reqs, [gpu(0)], states={"c": State.SUCCEEDED})
+    assert [p.name for p in d.placements] == ["b"]
+
+
+# --- barriers and dependencies --------------------------------------------------------------------
+
+
+def test_barrier_false_lets_a_later_phase_use_idle_gpus() -> None:
+    # gpu0 runs seeds' last experiment (80 GB budget: full); gpu1 is idle.
+    for barrier, expect in [(False, {"probe": ("n0", (1,))}), (True, {})]:
+        reqs = [req("seed", 0, 10, phase="seeds"), req("probe", 1, 10, phase_index=1, barrier=barrier, phase="probes")]
+        d = decide(reqs, [gpu(0), gpu(1)], [occ("seed", 0, budget=80)])
+        assert placed(d) == expect
+    assert d.waiting["probe"] == "behind the barrier of phase probes: 1 earlier experiment not ended"
+
+
+def test_barrier_opens_when_earlier_phases_ended_even_by_failure_and_holds_later_phases() -> None:
+    reqs = [
+        req("seed", 0),
+        req("probe", 1, phase_index=1, barrier=True),
+        req("base", 2, phase_index=2),  # barrier=False, but behind probes' barrier like after `wait`
+    ]
+    d = decide(reqs, [gpu(0)], [occ("seed", 0)])
+    assert placed(d) == {}
+    assert set(d.waiting) == {"probe", "base"}
+    assert d.waiting["base"].startswith("behind the barrier of phase #1")
+    d = decide(reqs, [gpu(0)], states={"seed": State.FAILED})
+    assert set(placed(d)) == {"probe", "base"}  # 10 + 10 GB on one 80 GB GPU
+
+
+def test_dependencies_wait_then_start_and_name_the_failure() -> None:
+    reqs = [req("train-s1", 0), req("train-s2", 1), req("eval", 2, depends_on=("train-s1", "train-s2"))]
+    running = decide(reqs, [gpu(0)], [occ("train-s1", 0)], states={"train-s2": State.PENDING})
+    assert running.waiting["eval"] == "waiting for dependency train-s1 and 1 more"
+    done = {"train-s1": State.SUCCEEDED, "train-s2": State.SUCCEEDED}
+    assert placed(decide(reqs, [gpu(0)], states=done)) == {"eval": ("n0", (0,))}
+    failed = decide(reqs, [gpu(0)], states={"train-s1": State.SUCCEEDED, "train-s2": State.FAILED})
+    assert failed.waiting["eval"] == "dependency train-s2 failed"
+
+
+def test_doomed_follows_failures_and_skips_transitively() -> None:
+    reqs = [
+        req("a"), req("b", depends_on=("a",)), req("c", depends_on=("b",)),  # a failed -> b -> c
+        req("s"), req("t", depends_on=("s",)),  # s skipped -> t
+        req("r"), req("u", depends_on=("r",)),  # r still running: u may yet run
+        req("v", depends_on=("missing",)),  # unknown dependency counts as pending, not doomed
+    ]
+    states = {r.name: State.PENDING for r in reqs}
+    states.update(a=State.FAILED, s=State.SKIPPED, r=State.RUNNING)
+    assert doomed(reqs, states) == {
+        "b": "dependency a failed",
+        "c": "dependency b will not run (a failed)",
+        "t": "dependency s was skipped",
+    }
+    states["c"] = State.SUCCEEDED  # already done in an earlier run: not pending, not doomed
+    assert "c" not in doomed(reqs, states)
+
+
+# --- fit rule -------------------------------------------------------------------------------------
+
+
+def test_packing_six_30gb_on_two_80gb_gpus_two_per_gpu_never_three() -> None:
+    # 30 + 30 = 60 <= 80, 30 * 3 = 90 > 80: two per GPU, two wait.
+    d = decide([req(f"e{i}", i, 30) for i in range(6)], [gpu(0), gpu(1)])
+    per_gpu = [gpus for _, gpus in placed(d).values()]
+    assert sorted(per_gpu) == [(0,), (0,), (1,), (1,)]
+    assert set(d.waiting) == {"e4", "e5"}
+    assert d.waiting["e5"] == "no GPU with 30.0 GB free (best: gpu0 has 20.0 GB)"
+
+
+def test_headroom_packs_two_35_not_two_36() -> None:
+    # 80 - 10 headroom = 70: 35 + 35 = 70 fits, 36 + 36 = 72 does not.
+    assert len(decide([req("a", 0, 35), req("b", 1, 35)], [gpu(0)], headroom_bytes=10 * GB).placements) == 2
+    assert len(decide([req("a", 0, 36), req("b", 1, 36)], [gpu(0)], headroom_bytes=10 * GB).placements) == 1
+
+
+def test_headroom_exact_boundaries() -> None:
+    # 80 - 10 headroom = 70: one 70 GB request fits, 71 does not; live 75 - 10 = 65 admits 65, not 66.
+    assert len(decide([req("a", 0, 70)], [gpu(0)], headroom_bytes=10 * GB).placements) == 1
+    assert len(decide([req("a", 0, 71)], [gpu(0)], headroom_bytes=10 * GB).placements) == 0
+    assert len(decide([req("a", 0, 65)], [gpu(0, free=75)], headroom_bytes=10 * GB).placements) == 1
+    assert len(decide([req("a", 0, 66)], [gpu(0, free=75)], headroom_bytes=10 * GB).placements) == 0
+
+
+def test_exclusive_both_ways() -> None:
+    # An exclusive request won't join an occupied GPU; nobody joins an exclusive occupant.
+    d = decide([req("lat", 0, 10, exclusive=True)], [gpu(0, free=70), gpu(1)], [occ("x", 0)])
+    assert placed(d) == {"lat": ("n0", (1,))}
+    d = decide([req("lat", 0, 10, exclusive=True)], [gpu(0, free=70)], [occ("x", 0)])
+    assert d.waiting["lat"].startswith("needs an empty GPU (exclusive); none is free")
+    d = decide([req("small", 0, 1)], [gpu(0, free=70)], [occ("lat", 0, exclusive=True)])
+    assert placed(d) == {}
+
+
+def test_unknown_memory_runs_alone_and_holds_its_gpu() -> None:
+    d = decide([req("big", 0, None), req("small", 1, 1)], [gpu(0)])
+    assert placed(d) == {"big": ("n0", (0,))}  # then small may not join it: 1 GB on an 80 GB GPU, still no
+    d = decide([req("big", 0, None)], [gpu(0, free=70)], [occ("x", 0)])
+    assert d.waiting["big"].startswith("needs an empty GPU (memory unknown)")
+    d = decide([req("small", 0, 1)], [gpu(0, free=None)], [occ("big", 0, budget=None)])
+    assert placed(d) == {}  # budget None holds the GPU whole, reading or not
+
+
+def test_gang_takes_gpus_on_one_node_never_split() -> None:
+    # One free GPU on each node: two free GPUs in all, but not on one node.
+    gpus = [gpu(0, node="a"), gpu(1, node="a"), gpu(0, node="b"), gpu(1, node="b")]
+    busy = [occ("x", ("a", 0), budget=70), occ("y", ("b", 1), budget=70)]
+    d = decide([req("gen", 0, 60, gpus=2)], gpus, busy)
+    assert placed(d) == {}
+    assert d.waiting["gen"].startswith("needs 2 GPUs with 60.0 GB free on one node (best: a has 1)")
+    d = decide([req("gen", 0, 60, gpus=2)], gpus, busy[:1])
+    assert placed(d) == {"gen": ("b", (0, 1))}
+
+
+def test_best_fit_keeps_the_large_hole() -> None:
+    # room: gpu0 80 - 30 = 50, gpu1 80 - 50 = 30. A 25 GB job leaves 25 on gpu0 or 5 on gpu1 -> gpu1,
+    # so a later 45 GB job still fits on gpu0.
+    d = decide([req("small", 0, 25), req("large", 1, 45)], [gpu(0), gpu(1)], [occ("x", 0, budget=30), occ("y", 1, budget=50)])
+    assert placed(d) == {"small": ("n0", (1,)), "large": ("n0", (0,))}
+
+
+def test_gang_best_fit_prefers_the_tighter_node() -> None:
+    # node a: two empty GPUs (holes 80 - 30 = 50 each); node b: two GPUs with 40 GB budgeted (holes 10).
+    gpus = [gpu(0, node="a"), gpu(1, node="a"), gpu(0, node="b"), gpu(1, node="b")]
+    d = decide([req("g", 0, 30, gpus=2)], gpus, [occ("x", ("b", 0), ("b", 1), budget=40)])
+    assert placed(d) == {"g": ("b", (0, 1))}
+
+
+def test_startup_race_unallocated_budget_still_reads_free() -> None:
+    # 20 GB used outside gpupack: reading 60 free. x launched a second ago: budget 40, observed 0.
+    # budgets 40 + 30 = 70 <= 80 pass, but live 60 - (40 - 0) = 20 < 30: wait.
+    d = decide([req("e", 0, 30)], [gpu(0, free=60)], [occ("x", 0, budget=40, observed=0)])
+    assert placed(d) == {}
+    assert d.waiting["e"].startswith("no GPU with 30.0 GB free (best: gpu0 has 20.0 GB); first in line")
+    # Once x has allocated, the reading shows it: 20 free - 0 unallocated = 20 < 30, still no.
+    assert placed(decide([req("e", 0, 30)], [gpu(0, free=20)], [occ("x", 0, budget=40, observed=40)])) == {}
+    # The outside user left: 40 free - 0 >= 30.
+    assert len(decide([req("e", 0, 30)], [gpu(0, free=40)], [occ("x", 0, budget=40, observed=40)]).placements) == 1
+
+
+def test_startup_race_within_one_call() -> None:
+    # Reading 60 free (20 outside). First 35 fits; the second sees the first as budget 35, observed 0:
+    # budgets 70 <= 80, but live 60 - 35 = 25 < 35.
+    d = decide([req("a", 0, 35), req("b", 1, 35)], [gpu(0, free=60)])
+    assert placed(d) == {"a": ("n0", (0,))}
+
+
+@pytest.mark.parametrize("budget, fits", [(30, True), (45, False)])
+def test_budgets_are_used_as_given(budget: float, fits: bool) -> None:
+    # x declared 30 and uses 30; the engine passes 30, or 45 after seeing a 45 GB peak.
+    # Reading 50 free, request 40: 30 + 40 = 70 <= 80 fits; 45 + 40 = 85 > 80 does not.
+    d = decide([req("e", 0, 40)], [gpu(0, free=50)], [occ("x", 0, budget=budget, observed=30)])
+    assert bool(d.placements) is fits
+
+
+def test_unknown_free_reading_relies_on_budgets() -> None:
+    # No reading: 40 + 40 = 80 <= 80 fits; 40 + 41 > 80 does not.
+    assert len(decide([req("e", 0, 40)], [gpu(0, free=None)], [occ("x", 0, budget=40)]).placements) == 1
+    assert len(decide([req("e", 0, 41)], [gpu(0, free=None)], [occ("x", 0, budget=40)]).placements) == 0
+
+
+# --- EASY backfill ---------------------------------------------------------------------------------
+# Two 80 GB GPUs. x (gpu0) ends at 100 s, y (gpu1) at 1000 s, 40 GB each. Head: 2-GPU, 75 GB each,
+# in phase 0; small ones (10 GB) in phase 1. The head can start when both end: reservation at 1000.
+# A small one would fit now (40 + 10 <= 80), and 10 + 75 = 85 > 80 at the reservation.
+
+
+def _easy_world() -> tuple[list[GpuSnapshot], list[Occupant]]:
+    return [gpu(0), gpu(1)], [occ("x", 0, budget=40, expected_end_s=100), occ("y", 1, budget=40, expected_end_s=1000)]
+
+
+def test_reservation_lets_only_jobs_that_end_before_it_backfill() -> None:
+    gpus, occupants = _easy_world()
+    reqs = [
+        req("head", 0, 75, gpus=2, time_s=H),
+        req("short", 1, 10, phase_index=1, time_s=900),  # 0 + 900 <= 1000
+        req("long", 2, 10, phase_index=1, time_s=1100),  # 1100 > 1000
+        req("unknown", 3, 10, phase_index=1),  # no estimate: can't promise to end in time
+    ]
+    d = decide(reqs, gpus, occupants)
+    assert set(placed(d)) == {"short"}
+    assert d.reservation is not None and d.reservation.name == "head"
+    assert (d.reservation.start_s, d.reservation.gpus) == (1000, (("n0", 0), ("n0", 1)))
+    assert d.waiting["long"] == "reserved for head (starts in 17m)"
+    assert d.waiting["head"].endswith("; first in line, holds gpu0, gpu1 (free in 17m)")
+    # Without the head, the long one would have started: the reservation is what stops it.
+    assert "long" in placed(decide(reqs[1:], gpus, occupants))
+
+
+def test_backfill_may_use_memory_the_reservation_does_not_need() -> None:
+    # Head needs 60 GB each: at 1000 s, 10 (long) + 60 = 70 <= 80, so the long one does not delay it.
+    gpus, occupants = _easy_world()
+    reqs = [req("head", 0, 60, gpus=2, time_s=H), req("long", 1, 10, phase_index=1, time_s=5 * H)]
+    assert set(placed(decide(reqs, gpus, occupants))) == {"long"}
+
+
+def test_backfill_may_use_gpus_outside_the_reservation() -> None:
+    # Head: 1 GPU, 75 GB. gpu0 frees at 100 s -> reserved; gpu1 (y until 1000 s) is not: long goes there.
+    gpus, occupants = _easy_world()
+    reqs = [req("head", 0, 75, time_s=H), req("long", 1, 10, phase_index=1, time_s=5 * H)]
+    d = decide(reqs, gpus, occupants)
+    assert d.reservation is not None and d.reservation.gpus == (("n0", 0),)
+    assert placed(d) == {"long": ("n0", (1,))}
+
+
+def test_unknown_end_reserves_gpus_with_unknown_start() -> None:
+    # y's end is unknown: the head (2 GPUs) has no start time; its GPUs drain, even for short jobs.
+    gpus = [gpu(0), gpu(1), gpu(2)]
+    occupants = [occ("x", 0, budget=40, expected_end_s=100), occ("y", 1, budget=40), occ("z", 2, budget=70)]
+    reqs = [req("head", 0, 75, gpus=2, time_s=H), req("short", 1, 10, phase_index=1, time_s=10)]
+    d = decide(reqs, gpus, occupants)
+    assert d.reservation is not None and d.reservation.start_s is None
+    assert d.reservation.gpus == (("n0", 0), ("n0", 1))
+    assert placed(d) == {"short": ("n0", (2,))}  # 70 + 10 <= 80 on the unreserved GPU
+    assert d.waiting["head"].endswith("(free when an occupant of unknown end finishes)")
+
+
+def test_head_that_can_never_fit_holds_nothing() -> None:
+    # 50 GB used outside gpupack on the only GPU: a 75 GB head can't fit even when x ends; no reservation.
+    d = decide(
+        [req("head", 0, 75, time_s=H), req("long", 1, 10, phase_index=1, time_s=5 * H)],
+        [gpu(0, free=20)],
+        [occ("x", 0, budget=10, observed=10, expected_end_s=100)],
+    )
+    assert d.reservation is None
+    assert set(placed(d)) == {"long"}
+
+
+def _simulate(requests: Sequence[Request], gpus: Sequence[GpuSnapshot], running: Iterable[Occupant]) -> dict[str, float]:
+    """Event loop over place(): budgets only (no readings), jobs end at their estimate. -> start times."""
+    by_name = {r.name: r for r in requests}
+    occupants = list(running)
+    states = {r.name: State.PENDING for r in requests} | {o.name: State.RUNNING for o in occupants}
+    starts: dict[str, float] = {}
+    now = 0.0
+    gpus = [GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in gpus]
+    while occupants or any(s is State.PENDING for s in states.values()):
+        for p in place(requests, states, gpus, occupants, now, Limits()).placements:
+            r = by_name[p.name]
+            starts[p.name], states[p.name] = now, State.RUNNING
+            gpus_used = tuple((p.node, i) for i in p.gpus)
+            occupants.append(Occupant(p.name, gpus_used, r.mem_bytes, expected_end_s=now + (r.time_s or 0)))
+        now = min(o.expected_end_s or 0 for o in occupants)
+        for o in [o for o in occupants if o.expected_end_s == now]:
+            occupants.remove(o)
+            states[o.name] = State.SUCCEEDED
+    return starts
+
+
+def test_two_gpu_head_is_not_starved_by_a_stream_of_small_ones() -> None:
+    # 30 small 1-GPU jobs of 10 GB, 300 s each, queue behind the head. Without a reservation they
+    # would fill both GPUs (40 + 4 * 10 = 80) and refill each other's holes forever after. With it,
+    # only those that end by 1000 s may start: the head starts at 1000 s, when y ends.
+    gpus, occupants = _easy_world()
+    smalls = [req(f"s{i}", i + 1, 10, phase_index=1, time_s=300) for i in range(30)]
+    starts = _simulate([req("head", 0, 75, gpus=2, time_s=H), *smalls], gpus, occupants)
+    assert starts["head"] == 1000
+    backfilled = [t for name, t in starts.items() if name != "head" and t < 1000]
+    assert backfilled and all(t + 300 <= 1000 for t in backfilled)
+
+
+# --- time left and CPUs ----------------------------------------------------------------------------
+
+
+def test_time_left_refuses_what_cannot_finish_unless_resumable() -> None:
+    reqs = [req("long", 0, 10, time_s=2 * H), req("ckpt", 1, 10, time_s=2 * H, resumable=True), req("unknown", 2, 10)]
+    d = decide(reqs, [gpu(0)], time_left_s=H + 600)
+    assert set(placed(d)) == {"ckpt", "unknown"}
+    assert d.waiting == {"long": "needs 2h, 1h10m left in the allocation"}
+    assert decide(reqs[:1], [gpu(0)], time_left_s=2 * H).placements  # exactly enough: starts
+
+
+def test_cpu_limits() -> None:
+    # n0 has 8 CPUs, x uses 6: a 4-CPU GPU job waits (6 + 4 > 8) though the GPU has room.
+    gpus = [gpu(0)]
+    d = decide([req("e", 0, 10, cpus=4)], gpus, [occ("x", 0, cpus=6)], cpus_per_node={"n0": 8})
+    assert d.waiting["e"].startswith("needs 4 CPUs on n0, 2 free; first in line")
+    assert decide([req("e", 0, 10, cpus=4)], gpus, [occ("x", 0, cpus=6)]).placements  # no limit given
+    # CPU-only jobs go to the first node with CPUs free: n0 has 2 left, n1 (no GPUs) has 16.
+    cpu_jobs = [req("c1", 0, None, gpus=0, cpus=2), req("c2", 1, None, gpus=0, cpus=4)]
+    d = decide(cpu_jobs, gpus, [occ("x", 0, cpus=6)], cpus_per_node={"n0": 8, "n1": 16})
+    assert placed(d) == {"c1": ("n0", ()), "c2": ("n1", ())}
+
+
+# --- unfit, purity, invariants ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        (req("e", 0, 80), None),
+        (req("e", 0, 75), "needs 75.0 GB per GPU; the largest GPU holds 80.0 GB minus 10.0 GB headroom"),
+        (req("e", 0, 60, gpus=3), "needs 3 GPUs with 60.0 GB on one node; the most on any node is 2"),
+        (req("e", 0, None, gpus=2), None),
+        (req("e", 0, None, gpus=0, cpus=64), "needs 64 CPUs; the largest node has 32"),
+    ],
+)
+def test_unfit_reason(request_: Request, reason: str | None) -> None:
+    headroom = 0 if request_.mem_bytes == 80 * GB else 10 * GB
+    inventory = [gpu(0, node="a"), gpu(1, node="a"), gpu(0, node="b")]
+    assert unfit_reason(request_, inventory, headroom, {"a": 32, "b": 32}) == reason
+
+
+def test_policy_imports_no_clock_io_or_randomness() -> None:
+    tree = ast.parse(Path(policy.__file__).read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not imported & {"time", "os", "subprocess", "logging", "random", "datetime", "gpupack"}
+    assert imported <= {"__future__", "typing", "dataclasses", "enum", "collections", "math", "itertools", "heapq"}
+
+
+_mems = st.one_of(st.none(), st.integers(1, 80))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(_mems, st.integers(0, 2), st.booleans(), st.one_of(st.none(), st.integers(1, 4000))), max_size=12),
+    running=st.lists(st.tuples(st.integers(0, 3), _mems, st.integers(0, 80), st.one_of(st.none(), st.integers(0, 4000))), max_size=5),
+    frees=st.lists(st.one_of(st.none(), st.integers(0, 80)), min_size=4, max_size=4),
+    headroom=st.integers(0, 5),
+)
+def test_invariants_on_random_worlds(jobs: list, running: list, frees: list, headroom: int) -> None:
+    """Whatever the input: every pending job is placed or has a reason, no GPU is over-committed,
+    nobody shares with a whole-GPU holder, gangs stay on one node, and the call is deterministic."""
+    gpus = [gpu(i % 2, free=f, node=f"n{i // 2}") for i, f in enumerate(frees)]
+    reqs = [req(f"e{i}", i, m, gpus=g, exclusive=x, time_s=t) for i, (m, g, x, t) in enumerate(jobs)]
+    occupants = [
+        occ(f"r{i}", gpus[k].key, budget=b, observed=o, expected_end_s=e) for i, (k, b, o, e) in enumerate(running)
+    ]
+    d = decide(reqs, gpus, occupants, now=0.0, headroom_bytes=headroom * GB)
+    assert d == decide(reqs, gpus, occupants, now=0.0, headroom_bytes=headroom * GB)
+    assert set(placed(d)) | set(d.waiting) == {r.name for r in reqs}
+    assert not set(placed(d)) & set(d.waiting)
+    assert all("\n" not in why for why in d.waiting.values())
+    load: dict[tuple[str, int], list[tuple[int | None, bool]]] = {g.key: [] for g in gpus}
+    for o in occupants:
+        load[o.gpus[0]].append((o.budget_bytes, o.budget_bytes is None))
+    by_name = {r.name: r for r in reqs}
+    new: dict[tuple[str, int], int] = {g.key: 0 for g in gpus}
+    for p in d.placements:
+        r = by_name[p.name]
+        assert len(p.gpus) == r.gpus and len(set(p.gpus)) == r.gpus
+        for i in p.gpus:
+            key = (p.node, i)
+            assert not (r.holds_whole and load[key]), "whole-GPU request joined an occupied GPU"
+            load[key].append((r.mem_bytes, r.holds_whole))
+            new[key] += r.mem_bytes or 0
+    for g in gpus:
+        entries = load[g.key]
+        if any(whole for _, whole in entries):
+            assert len(entries) == 1 or not new[g.key], "someone joined a whole-GPU holder"
+        elif new[g.key]:
+            assert sum(b or 0 for b, _ in entries) <= g.total_bytes - headroom * GB
