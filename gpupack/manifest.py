@@ -106,7 +106,8 @@ _SIZE_UNITS = {
     "": 1, "b": 1, "kb": 10**3, "kib": 2**10, "mb": 10**6, "mib": 2**20,
     "gb": 10**9, "gib": 2**30, "tb": 10**12, "tib": 2**40,
 }  # fmt: skip
-_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)")
+# re.ASCII: "٣GB" matches \d otherwise, and Decimal would read it as 3.
+_SIZE_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)", re.ASCII)
 _SIZE_HINT = "use MB, MiB, GB or GiB"
 _MAX_BYTES = 2**63 - 1  # what SQLite and NVML arithmetic hold
 
@@ -143,9 +144,10 @@ def parse_size(text: str | int) -> int:
 
 _DURATION_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 _NUMBER = r"(\d{1,15}(?:\.\d{0,15})?|\.\d{1,15})"
-_DURATION_RE = re.compile(rf"(?:{_NUMBER}\s*[dhms]\s*)+", re.IGNORECASE)
-_DURATION_PART = re.compile(rf"{_NUMBER}\s*([dhms])", re.IGNORECASE)
-_CLOCK_RE = re.compile(r"(?:(\d{1,5})-)?(\d{1,6}):([0-5]\d):([0-5]\d)|(\d{1,6}):([0-5]\d)")  # Slurm's forms
+_NUMBER_RE = re.compile(_NUMBER, re.ASCII)
+_DURATION_RE = re.compile(rf"(?:{_NUMBER}\s*[dhms]\s*)+", re.IGNORECASE | re.ASCII)
+_DURATION_PART = re.compile(rf"{_NUMBER}\s*([dhms])", re.IGNORECASE | re.ASCII)
+_CLOCK_RE = re.compile(r"(?:(\d{1,5})-)?(\d{1,6}):([0-5]\d):([0-5]\d)|(\d{1,6}):([0-5]\d)", re.ASCII)  # Slurm's
 _DURATION_HINT = "use 90s, 15m, 2h, 1d, 1h30m, seconds or [D-]HH:MM:SS"
 
 
@@ -157,7 +159,7 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(f"duration {_show(text)} is too long")
         return float(value)
     s = text.strip()
-    if re.fullmatch(_NUMBER, s):
+    if _NUMBER_RE.fullmatch(s):
         return float(s)
     if clock := _CLOCK_RE.fullmatch(s):
         days, hours, minutes, secs, mm, ss = (int(g) if g else 0 for g in clock.groups())

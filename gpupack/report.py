@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,14 @@ class RunFacts:
         return max(attempt.started_at, self.windows[-1].end if self.windows else attempt.started_at)
 
     def attempt_keys(self, attempt: AttemptRow) -> list[GpuKey]:
-        return [_key(self.gpus, attempt.node, g) for g in attempt.gpus]
+        return [gpu_key(self.gpus, attempt.node, g) for g in attempt.gpus]
 
     def wall_s(self, key: GpuKey | None = None) -> float:
         """Allocated time: of the whole run, or of the runs that had this GPU."""
         return sum(w.end - w.start for w in self.windows if key is None or w.gpus is None or key in w.gpus)
 
 
-def _key(inventory: dict[GpuKey, Any], node: str, index: int) -> GpuKey:
+def gpu_key(inventory: Mapping[GpuKey, Any], node: str, index: int) -> GpuKey:
     """An attempt recorded without a node (local run) belongs to the one node of the inventory."""
     if not node:
         nodes = {k[0] for k in inventory}
@@ -121,7 +122,7 @@ def load_facts(store: Store) -> RunFacts:
         gpus.setdefault((node, index), {"name": "", "total_bytes": total})
     for a in attempts:
         for g in a.gpus:
-            gpus.setdefault(_key(gpus, a.node, g), {"name": "", "total_bytes": None})
+            gpus.setdefault(gpu_key(gpus, a.node, g), {"name": "", "total_bytes": None})
     return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())))
 
 
@@ -262,7 +263,10 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
     )
     for row, key in enumerate(keys):
         y = len(keys) - 1 - row  # the first GPU on top
-        bars = sorted((a.started_at, facts.attempt_end(a), a) for a in facts.attempts if key in facts.attempt_keys(a))
+        bars = sorted(
+            ((a.started_at, facts.attempt_end(a), a) for a in facts.attempts if key in facts.attempt_keys(a)),
+            key=lambda bar: bar[:2],
+        )
         sub_ends: list[float] = []  # greedy sub-rows: co-located attempts stack inside the lane
         placed = []
         for start, end, a in bars:
@@ -301,7 +305,7 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
         if series[key]:
             xs, ys = zip(*series[key])
             curve.plot(xs, ys, linewidth=0.9, label=gpu_label(key, facts.single_node))
-    curve.axhline(TARGET_BUSY_FRACTION * 100, color="0.4", linestyle="--", linewidth=0.8)
+    curve.axhline(TARGET_BUSY_FRACTION * 100, color="0.4", linestyle="--", linewidth=0.8, label=f"{TARGET_BUSY_FRACTION:.0%} target")
     curve.set_ylim(0, 105)
     curve.set_ylabel("utilization %")
     curve.set_xlabel(f"time since start ({unit})")

@@ -161,10 +161,14 @@ def _int_list(text: str | None) -> tuple[int, ...] | None:
 def _gpu_ids(env: Mapping[str, str], n_nodes: int) -> tuple[int, ...]:
     job_gpus = _int_list(env.get("SLURM_JOB_GPUS"))
     count = len(job_gpus) if job_gpus else None
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_GRES"):
-        if count is None and env.get(name):
-            count = _int(env[name]) if name == "SLURM_GPUS_ON_NODE" else parse_gres_gpus(env[name])
-    if count is None and env.get("SLURM_GPUS"):  # --gpus=N counts the whole job
+    # SLURM_GPUS_PER_NODE and SLURM_GPUS are "[type:]count"; SLURM_GPUS (--gpus) is per job.
+    if count is None and env.get("SLURM_GPUS_ON_NODE"):
+        count = _int(env["SLURM_GPUS_ON_NODE"])
+    if count is None and env.get("SLURM_GPUS_PER_NODE"):
+        count = _int(env["SLURM_GPUS_PER_NODE"].rsplit(":", 1)[-1])
+    if count is None and env.get("SLURM_JOB_GRES"):
+        count = parse_gres_gpus(env["SLURM_JOB_GRES"])
+    if count is None and env.get("SLURM_GPUS"):
         total = _int(env["SLURM_GPUS"].rsplit(":", 1)[-1])
         count = total // n_nodes if total else None
     if not count:

@@ -153,7 +153,7 @@ def test_dependencies_wait_then_start_and_name_the_failure() -> None:
 
 def test_doomed_follows_failures_and_skips_transitively() -> None:
     reqs = [
-        req("a"), req("b", depends_on=("a",)), req("c", depends_on=("b",)),  # a failed -> b -> c
+        req("a"), req("b", depends_on=("a",)), req("c", depends_on=("b",)), req("d", depends_on=("c",)),  # a failed
         req("s"), req("t", depends_on=("s",)),  # s skipped -> t
         req("r"), req("u", depends_on=("r",)),  # r still running: u may yet run
         req("v", depends_on=("missing",)),  # unknown dependency counts as pending, not doomed
@@ -163,10 +163,11 @@ def test_doomed_follows_failures_and_skips_transitively() -> None:
     assert doomed(reqs, states) == {
         "b": "dependency a failed",
         "c": "dependency b will not run (a failed)",
+        "d": "dependency c will not run (a failed)",
         "t": "dependency s was skipped",
     }
     states["c"] = State.SUCCEEDED  # already done in an earlier run: not pending, not doomed
-    assert "c" not in doomed(reqs, states)
+    assert set(doomed(reqs, states)) == {"b", "t"}
 
 
 # --- fit rule -------------------------------------------------------------------------------------

@@ -1,0 +1,192 @@
+"""Models of the experiments: tiny presets built from configs, hub models, and the bridge.
+
+A model argument is either a tiny preset, `tiny-<family>-<size>`, built from a transformers
+config with random weights seeded by --seed (no download, CPU-fast), or anything else,
+which goes to from_pretrained as a hub id or a local path (the real loading code):
+
+    family  bert (encoder), gpt2 (decoder), t5 (encoder-decoder)
+    size    small  hidden 32, 2 layers, 2 heads
+            medium hidden 64, 2 layers, 4 heads
+            large  hidden 128, 4 layers, 4 heads   (the model-size ablation)
+
+The bridge (Bridge, BridgeClassifier): the sender encodes the text; a learned projection
+(linear map + cross-attention from K learned queries) turns its hidden states into K soft
+tokens in the receiver's embedding space, K = ceil(max_len / compression); the receiver
+reads only those soft tokens and a linear head classifies its last hidden state. Sender and
+receiver are frozen by default (only the projection and head learn), as when bridging two
+pretrained models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from common import is_preset
+
+
+@dataclass(frozen=True)
+class Size:
+    hidden: int
+    layers: int
+    heads: int
+
+
+SIZES = {"small": Size(32, 2, 2), "medium": Size(64, 2, 4), "large": Size(128, 4, 4)}
+FAMILIES = ("bert", "gpt2", "t5")
+MAX_POSITIONS = 512
+
+
+def parse_preset(name: str) -> tuple[str, Size]:
+    parts = name.split("-")
+    if len(parts) != 3 or parts[1] not in FAMILIES or parts[2] not in SIZES:
+        raise SystemExit(
+            f"unknown tiny preset {name!r}: expected tiny-<{'|'.join(FAMILIES)}>-<{'|'.join(SIZES)}>, "
+            "or a hub id / local path"
+        )
+    return parts[1], SIZES[parts[2]]
+
+
+def _config(family: str, s: Size, vocab_size: int, **extra: Any) -> Any:
+    import transformers as tf
+
+    if family == "bert":
+        return tf.BertConfig(
+            vocab_size=vocab_size, hidden_size=s.hidden, num_hidden_layers=s.layers,
+            num_attention_heads=s.heads, intermediate_size=4 * s.hidden,
+            max_position_embeddings=MAX_POSITIONS, **extra,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(
+            vocab_size=vocab_size, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
+            n_positions=MAX_POSITIONS, **extra,
+        )
+    return tf.T5Config(
+        vocab_size=vocab_size, d_model=s.hidden, d_kv=s.hidden // s.heads, d_ff=4 * s.hidden,
+        num_layers=s.layers, num_decoder_layers=s.layers, num_heads=s.heads, **extra,
+    )
+
+
+def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
+    return {} if dtype is None else {"dtype": dtype}
+
+
+def load_backbone(name: str, vocab_size: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """A bare model returning hidden states (AutoModel for hub ids)."""
+    if is_preset(name):
+        import transformers as tf
+
+        family, size = parse_preset(name)
+        cls = {"bert": tf.BertModel, "gpt2": tf.GPT2Model, "t5": tf.T5EncoderModel}[family]
+        return cls(_config(family, size, vocab_size))
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(name, **_dtype_kwargs(dtype))
+
+
+def load_classifier(name: str, vocab_size: int, num_labels: int, pad_id: int, dtype: torch.dtype | None = None) -> nn.Module:
+    """A sequence classifier (a fresh head over the model) for the LoRA baseline."""
+    if is_preset(name):
+        import transformers as tf
+
+        family, size = parse_preset(name)
+        config = _config(family, size, vocab_size, num_labels=num_labels, pad_token_id=pad_id)
+        cls = {"bert": tf.BertForSequenceClassification, "gpt2": tf.GPT2ForSequenceClassification,
+               "t5": tf.T5ForSequenceClassification}[family]
+        return cls(config)
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **_dtype_kwargs(dtype))
+    if model.config.pad_token_id is None:  # decoder-only classifiers pick the last non-pad token
+        model.config.pad_token_id = pad_id
+    return model
+
+
+def load_causal_lm(name: str, vocab_size: int, dtype: torch.dtype | None = None) -> nn.Module:
+    if is_preset(name):
+        import transformers as tf
+
+        family, size = parse_preset(name)
+        if family != "gpt2":
+            raise SystemExit(f"{name}: zero-shot scoring needs a decoder (tiny-gpt2-<size> or a causal LM)")
+        return tf.GPT2LMHeadModel(_config(family, size, vocab_size))
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, **_dtype_kwargs(dtype))
+
+
+def load_seq2seq(name: str, vocab_size: int, pad_id: int, eos_id: int, dtype: torch.dtype | None = None) -> nn.Module:
+    if is_preset(name):
+        import transformers as tf
+
+        family, size = parse_preset(name)
+        if family != "t5":
+            raise SystemExit(f"{name}: summarization needs an encoder-decoder (tiny-t5-<size> or a seq2seq model)")
+        config = _config(family, size, vocab_size, pad_token_id=pad_id, eos_token_id=eos_id,
+                         decoder_start_token_id=pad_id)
+        return tf.T5ForConditionalGeneration(config)
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(name, **_dtype_kwargs(dtype))
+
+
+def hidden_size(model: nn.Module) -> int:
+    config = model.config  # type: ignore[attr-defined]
+    return int(getattr(config, "hidden_size", None) or config.d_model)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class Bridge(nn.Module):
+    """Sender hidden states (B, L, d_in) -> K soft tokens (B, K, d_out) for the receiver."""
+
+    def __init__(self, d_in: int, d_out: int, soft_tokens: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+        self.queries = nn.Parameter(torch.randn(soft_tokens, d_out) / math.sqrt(d_out))
+        self.attn = nn.MultiheadAttention(d_out, num_heads=math.gcd(d_out, 8), batch_first=True)
+        self.norm = nn.LayerNorm(d_out)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        kv = self.proj(hidden.float())
+        q = self.queries.unsqueeze(0).expand(hidden.shape[0], -1, -1)
+        attended, _ = self.attn(q, kv, kv, key_padding_mask=mask == 0, need_weights=False)
+        return self.norm(attended + q)
+
+
+class BridgeClassifier(nn.Module):
+    def __init__(self, sender: nn.Module, receiver: nn.Module, num_labels: int, soft_tokens: int, train_models: bool):
+        super().__init__()
+        self.sender, self.receiver = sender, receiver
+        self.bridge = Bridge(hidden_size(sender), hidden_size(receiver), soft_tokens)
+        self.head = nn.Linear(hidden_size(receiver), num_labels)
+        self.train_models = train_models
+        for model in (sender, receiver):
+            model.requires_grad_(train_models)
+
+    def train(self, mode: bool = True) -> BridgeClassifier:
+        super().train(mode)
+        if not self.train_models:  # frozen models keep dropout off, as pretrained ones would
+            self.sender.eval()
+            self.receiver.eval()
+        return self
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(self.train_models and torch.is_grad_enabled()):
+            sent = self.sender(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        soft = self.bridge(sent, attention_mask)
+        receiver_dtype = next(self.receiver.parameters()).dtype
+        # The receiver is frozen but gradients flow through it into the soft tokens.
+        out = self.receiver(inputs_embeds=soft.to(receiver_dtype)).last_hidden_state
+        return self.head(out[:, -1].float())  # a causal receiver's last position has read all K
+
+
+def soft_token_count(max_len: int, compression: float) -> int:
+    return max(1, math.ceil(max_len / compression))

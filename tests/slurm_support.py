@@ -1,0 +1,141 @@
+"""Fixtures and helpers for tests against the local Slurm test cluster.
+
+Start it with `eval "$(slurm/testcluster/start.sh)"` (root; it exports SLURM_CONF). Without it the
+tests are skipped with the reason, unless GPUPACK_REQUIRE_SLURM=1 (CI), where that is a failure.
+Everything waits by polling squeue, scontrol or files with a deadline, never by sleeping blind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from gpupack import slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def cluster_problem() -> str | None:
+    """Why the Slurm tests cannot run here, or None when the test cluster answers."""
+    conf = os.environ.get("SLURM_CONF")
+    if not conf:
+        return 'SLURM_CONF is not set: start the test cluster with eval "$(slurm/testcluster/start.sh)"'
+    try:
+        done = subprocess.run(["sinfo", "-h", "-o", "%T %G %c"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"sinfo cannot run: {exc}"
+    if done.returncode != 0:
+        return f"sinfo fails with SLURM_CONF={conf}: {done.stderr.strip()}"
+    state, gres, cpus = (done.stdout.split() + ["", "", ""])[:3]
+    if "gpu:4" not in gres or not cpus.isdigit() or int(cpus) < 16:
+        return f"the cluster at SLURM_CONF={conf} is not the test cluster (node: {gres} {cpus} CPUs, want gpu:4, 16)"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_env() -> dict[str, str]:
+    """Environment for sbatch: the test cluster's SLURM_CONF and this checkout on PYTHONPATH."""
+    problem = cluster_problem()
+    if problem:
+        if os.environ.get("GPUPACK_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GPUPACK_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["GPUPACK_PYTHON"] = sys.executable
+    for name in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:
+        del env[name]  # tests run from inside a job must not leak that job's options
+    return env
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout_s: float, every_s: float = 0.1) -> T:
+    """Poll `check` until it returns something truthy; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(every_s)
+
+
+class Jobs:
+    """Submits jobs and, at teardown, cancels what is left and waits until the queue is empty
+    of them: a COMPLETING job on a one-node cluster holds up every later job."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.ids: list[str] = []
+
+    def sbatch(self, *args: str, cwd: Path | None = None) -> str:
+        done = subprocess.run(
+            ["sbatch", "--parsable", *args], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=30
+        )
+        assert done.returncode == 0, f"sbatch {' '.join(args)}: {done.stderr.strip()}"
+        job = done.stdout.strip().split(";")[0]
+        self.ids.append(job)
+        return job
+
+    def info(self, job: str) -> dict[str, str]:
+        return slurm.show_job(job) or {}
+
+    def state(self, job: str) -> str:
+        return self.info(job).get("JobState", "")
+
+    def wait_state(self, job: str, states: set[str], timeout_s: float) -> dict[str, str]:
+        return wait_for(
+            f"job {job} to be {'/'.join(sorted(states))} (is {self.state(job) or 'gone'})",
+            lambda: (lambda i: i if i.get("JobState") in states else None)(self.info(job)),
+            timeout_s,
+        )
+
+    def wait_gone(self, job: str, timeout_s: float = 60) -> None:
+        def gone() -> bool:
+            out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=self.env,
+                                 capture_output=True, text=True, timeout=15)
+            return out.returncode != 0 or not out.stdout.strip()
+
+        wait_for(f"job {job} to leave the queue", gone, timeout_s)
+
+    def cancel_all(self) -> None:
+        if self.ids:
+            subprocess.run(["scancel", *self.ids], env=self.env, capture_output=True, timeout=30)
+            for job in self.ids:
+                self.wait_gone(job)
+
+
+@pytest.fixture
+def jobs(slurm_env: dict[str, str]) -> Iterator[Jobs]:
+    j = Jobs(slurm_env)
+    try:
+        yield j
+    finally:
+        j.cancel_all()
+
+
+def wait_for_file(path: Path, timeout_s: float, contains: str = "") -> str:
+    """Text of `path` once it exists (and contains `contains`)."""
+    def ready() -> str | None:
+        try:
+            text = path.read_text()
+        except OSError:
+            return None
+        return text if contains in text and text else None
+
+    return wait_for(f"{path}" + (f" to contain {contains!r}" if contains else ""), ready, timeout_s)
+
+
+def python_script(path: Path, body: str) -> Path:
+    """A batch script run by this interpreter (sbatch honours any #! line)."""
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path

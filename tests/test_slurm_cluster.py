@@ -1,0 +1,140 @@
+"""gpupack.slurm against a real slurmctld: the local test cluster of slurm/testcluster/start.sh
+(one node, 16 CPUs, 4 fake GPUs). Skipped with the reason when it is not up, failed instead
+when GPUPACK_REQUIRE_SLURM=1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from gpupack import slurm
+from slurm_support import Jobs, jobs, python_script, slurm_env, wait_for, wait_for_file  # noqa: F401
+
+pytestmark = pytest.mark.slurm
+
+# Runs inside the job: one step per spec, built by srun_argv, all launched at once. Each step
+# writes what it saw, then waits until every step has written: the job's steps only all exit 0
+# if they ran at the same time, so a step that Slurm held back (GPUs taken by a CPU-only step,
+# CPUs taken by a step without --exact) fails the test instead of slowing it.
+STEPS_DRIVER = '''
+import json, os, subprocess, sys
+from pathlib import Path
+from gpupack.slurm import Allocation, srun_argv
+
+out, mode, specs = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
+alloc = Allocation.from_env(os.environ)
+step = (
+    'printf "%s|%s" "${CUDA_VISIBLE_DEVICES-unset}" "$SLURM_STEP_ID" > "$1/$2.tmp" && mv "$1/$2.tmp" "$1/$2.seen"; '
+    'i=0; while [ "$(ls "$1" | grep -c "seen$")" -lt "$3" ]; do '
+    'i=$((i+1)); [ $i -gt 600 ] && exit 7; sleep 0.05; done'
+)
+procs = {
+    name: subprocess.Popen(srun_argv(
+        name=name, node=alloc.nodes[0], gpu_indices=tuple(gpus), cpus=1, mode=mode,
+        inner_argv=["sh", "-c", step, "sh", str(out), name, str(len(specs))],
+        node_gpus=alloc.gpus_per_node,
+    ))
+    for name, gpus in specs.items()
+}
+codes = {name: p.wait() for name, p in procs.items()}
+(out / "result.json").write_text(json.dumps({"codes": codes, "allocation": alloc.__dict__}))
+'''
+
+# Single GPUs in the reverse of Slurm's own lowest-free order, two 2-GPU sets and two CPU-only.
+SPECS = {"g3": [3], "g2": [2], "g1": [1], "g0": [0], "g13": [1, 3], "g02": [0, 2], "cpu-a": [], "cpu-b": []}
+
+
+@pytest.mark.parametrize("mode", slurm.GPU_MODES)
+def test_steps_see_the_gpus_gpupack_chose_and_run_concurrently(jobs: Jobs, tmp_path: Path, mode: str) -> None:
+    script = python_script(tmp_path / "driver.py", STEPS_DRIVER)
+    out = tmp_path / "out"
+    out.mkdir()
+    job = jobs.sbatch("--gres=gpu:4", "-c", "16", "-o", str(tmp_path / "job.log"),
+                      str(script), str(out), mode, json.dumps(SPECS))
+    result = json.loads(wait_for_file(out / "result.json", 90))
+    assert result["allocation"]["gpu_ids"] == [0, 1, 2, 3] and result["allocation"]["job_id"] == job
+    assert result["codes"] == {name: 0 for name in SPECS}, (tmp_path / "job.log").read_text()
+    seen = {name: (out / f"{name}.seen").read_text().split("|") for name in SPECS}
+    assert {name: cvd for name, (cvd, _) in seen.items()} == {
+        name: ",".join(map(str, gpus)) if gpus else "unset" for name, gpus in SPECS.items()
+    }
+    assert len({step for _, step in seen.values()}) == len(SPECS)  # each its own job step
+
+
+def test_end_time_of_a_real_job_and_a_changed_limit(jobs: Jobs, tmp_path: Path) -> None:
+    job = jobs.sbatch("--time=5", "-o", str(tmp_path / "job.log"), "--wrap", "exec sleep 600")
+    jobs.wait_state(job, {"RUNNING"}, 30)
+    now = time.time()
+    end = slurm.end_time(job, now)
+    assert end is not None and 240 <= end - now <= 300
+
+    # The scontrol fallback (EndTime, whole seconds) agrees with squeue's time left.
+    def no_squeue(argv: list[str]) -> str | None:
+        return None if argv[0] == "squeue" else slurm.run_command(argv)
+
+    fallback = slurm.end_time(job, now, run=no_squeue)  # type: ignore[arg-type]
+    assert fallback is not None and abs(fallback - end) <= 2
+
+    clock = slurm.AllocationClock(job, refresh_s=0)
+    left = clock.time_left_s(time.time())
+    assert left is not None and 240 <= left <= 300
+    subprocess.run(["scontrol", "update", f"jobid={job}", "TimeLimit=10"], env=jobs.env, check=True)
+    left = clock.time_left_s(time.time())
+    assert left is not None and 540 <= left <= 600
+
+    nolimit = jobs.sbatch("--time=UNLIMITED", "-o", str(tmp_path / "job2.log"), "--wrap", "exec sleep 600")
+    jobs.wait_state(nolimit, {"RUNNING", "PENDING"}, 30)
+    assert slurm.end_time(job, time.time()) != slurm.end_time(nolimit, time.time())
+
+
+# Records what each run of the job saw, then waits to be stopped (requeue sends it SIGTERM).
+RUN_RECORDER = '''
+import json, os, signal, sys
+from pathlib import Path
+from gpupack.slurm import Allocation
+
+alloc = Allocation.from_env(os.environ)
+out = Path(sys.argv[1])
+record = {"restart_count": alloc.restart_count, "env": os.environ.get("SLURM_RESTART_COUNT"), "argv": sys.argv[1:]}
+tmp = out / f"run-{os.environ['SLURM_JOB_ID']}-{alloc.restart_count}.tmp"
+tmp.write_text(json.dumps(record))
+tmp.rename(tmp.with_suffix(".json"))
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+signal.pause()
+'''
+
+
+def test_requeue_starts_the_job_again_with_restart_count_one(jobs: Jobs, tmp_path: Path) -> None:
+    script = python_script(tmp_path / "recorder.py", RUN_RECORDER)
+    job = jobs.sbatch("--requeue", "-o", str(tmp_path / "job.log"), "--open-mode=append", str(script), str(tmp_path))
+    first = json.loads(wait_for_file(tmp_path / f"run-{job}-0.json", 30))
+    assert first["restart_count"] == 0 and first["env"] is None  # unset on the first run
+    assert slurm.requeue(job)
+    # cred_expire=10 + sched_interval=5 on the test cluster: back within ~15 s.
+    second = json.loads(wait_for_file(tmp_path / f"run-{job}-1.json", 60))
+    assert second == {"restart_count": 1, "env": "1", "argv": [str(tmp_path)]}
+    assert jobs.info(job).get("Restarts") == "1"
+
+
+def test_resubmit_where_requeue_is_disabled(jobs: Jobs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", jobs.env["PYTHONPATH"])  # resubmit() runs sbatch in our environment
+    work = tmp_path / "work dir"
+    work.mkdir()
+    script = python_script(work / "recorder.py", RUN_RECORDER)
+    args = [str(tmp_path), "two words", "--poll", "2"]
+    job = jobs.sbatch("--no-requeue", "--time=7", "-o", str(tmp_path / "%j.log"), str(script), *args, cwd=work)
+    wait_for_file(tmp_path / f"run-{job}-0.json", 30)
+    assert not slurm.requeue(job)  # "Requested operation is presently disabled"
+    found = slurm.job_script(job, args)
+    assert found == str(script)
+    new = slurm.resubmit(found, args, job_id=job)
+    assert new is not None and new != job
+    jobs.ids.append(new)
+    record = json.loads(wait_for_file(tmp_path / f"run-{new}-0.json", 30))
+    assert record["argv"] == args
+    info = jobs.info(new)
+    assert info["TimeLimit"] == "00:07:00" and info["WorkDir"] == str(work)  # sbatch options carried over
