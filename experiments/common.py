@@ -219,3 +219,35 @@ def finish(args: argparse.Namespace, run: Run, metrics: Mapping[str, Any]) -> di
     path = job.write_results(results, run.out / "results.json")
     log(f"wrote {path}")
     return results
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict(logits_fn: Any, enc: Mapping[str, torch.Tensor], batch_size: int = 256) -> torch.Tensor:
+    """argmax of logits_fn(input_ids, attention_mask) over enc, in batches; on the CPU."""
+    preds = []
+    for i in range(0, enc["input_ids"].shape[0], batch_size):
+        logits = logits_fn(enc["input_ids"][i : i + batch_size], enc["attention_mask"][i : i + batch_size])
+        preds.append(logits.argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def classification_metrics(preds: torch.Tensor, labels: Sequence[int], num_labels: int) -> dict[str, float]:
+    """Accuracy, macro-F1 and the majority-class rate (the chance level to beat)."""
+    gold = torch.tensor(list(labels))
+    f1s = []
+    for c in range(num_labels):
+        tp = ((preds == c) & (gold == c)).sum().item()
+        fp = ((preds == c) & (gold != c)).sum().item()
+        fn = ((preds != c) & (gold == c)).sum().item()
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return {
+        "accuracy": (preds == gold).double().mean().item(),
+        "macro_f1": sum(f1s) / num_labels,
+        "majority_rate": torch.bincount(gold, minlength=num_labels).max().item() / len(gold),
+    }
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -71,67 +71,45 @@ def _config(family: str, s: Size, vocab_size: int, **extra: Any) -> Any:
     )
 
 
-def _dtype_kwargs(dtype: torch.dtype | None) -> dict[str, Any]:
-    return {} if dtype is None else {"dtype": dtype}
+def _load(name: str, vocab_size: int, dtype: torch.dtype, preset: dict[str, str], auto: str, **config: Any) -> nn.Module:
+    """Build preset `name` with the class preset[family], or auto.from_pretrained(name).
+
+    `config` goes into the preset's config, or to from_pretrained (num_labels, ...).
+    """
+    import transformers as tf
+
+    if not is_preset(name):
+        return getattr(tf, auto).from_pretrained(name, dtype=dtype, **config)
+    family, size = parse_preset(name)
+    if family not in preset:
+        raise SystemExit(f"{name}: this script needs a {' or '.join(sorted(preset))} preset or a {auto} model")
+    model: nn.Module = getattr(tf, preset[family])(_config(family, size, vocab_size, **config))
+    return model.to(dtype)
 
 
-def load_backbone(name: str, vocab_size: int, dtype: torch.dtype | None = None) -> nn.Module:
-    """A bare model returning hidden states (AutoModel for hub ids)."""
-    if is_preset(name):
-        import transformers as tf
-
-        family, size = parse_preset(name)
-        cls = {"bert": tf.BertModel, "gpt2": tf.GPT2Model, "t5": tf.T5EncoderModel}[family]
-        return cls(_config(family, size, vocab_size))
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(name, **_dtype_kwargs(dtype))
+def load_backbone(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A bare model returning hidden states."""
+    return _load(name, vocab_size, dtype, {"bert": "BertModel", "gpt2": "GPT2Model", "t5": "T5EncoderModel"}, "AutoModel")
 
 
-def load_classifier(name: str, vocab_size: int, num_labels: int, pad_id: int, dtype: torch.dtype | None = None) -> nn.Module:
-    """A sequence classifier (a fresh head over the model) for the LoRA baseline."""
-    if is_preset(name):
-        import transformers as tf
-
-        family, size = parse_preset(name)
-        config = _config(family, size, vocab_size, num_labels=num_labels, pad_token_id=pad_id)
-        cls = {"bert": tf.BertForSequenceClassification, "gpt2": tf.GPT2ForSequenceClassification,
-               "t5": tf.T5ForSequenceClassification}[family]
-        return cls(config)
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels, **_dtype_kwargs(dtype))
-    if model.config.pad_token_id is None:  # decoder-only classifiers pick the last non-pad token
-        model.config.pad_token_id = pad_id
+def load_classifier(name: str, vocab_size: int, num_labels: int, pad_id: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A sequence classifier, a fresh head over the model (the LoRA baseline)."""
+    classes = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
+    model = _load(name, vocab_size, dtype, classes, "AutoModelForSequenceClassification", num_labels=num_labels)
+    if model.config.pad_token_id is None:  # type: ignore[union-attr]
+        model.config.pad_token_id = pad_id  # decoder-only classifiers read the last non-pad token
     return model
 
 
-def load_causal_lm(name: str, vocab_size: int, dtype: torch.dtype | None = None) -> nn.Module:
-    if is_preset(name):
-        import transformers as tf
-
-        family, size = parse_preset(name)
-        if family != "gpt2":
-            raise SystemExit(f"{name}: zero-shot scoring needs a decoder (tiny-gpt2-<size> or a causal LM)")
-        return tf.GPT2LMHeadModel(_config(family, size, vocab_size))
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name, **_dtype_kwargs(dtype))
+def load_causal_lm(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    return _load(name, vocab_size, dtype, {"gpt2": "GPT2LMHeadModel"}, "AutoModelForCausalLM")
 
 
-def load_seq2seq(name: str, vocab_size: int, pad_id: int, eos_id: int, dtype: torch.dtype | None = None) -> nn.Module:
-    if is_preset(name):
-        import transformers as tf
-
-        family, size = parse_preset(name)
-        if family != "t5":
-            raise SystemExit(f"{name}: summarization needs an encoder-decoder (tiny-t5-<size> or a seq2seq model)")
-        config = _config(family, size, vocab_size, pad_token_id=pad_id, eos_token_id=eos_id,
-                         decoder_start_token_id=pad_id)
-        return tf.T5ForConditionalGeneration(config)
-    from transformers import AutoModelForSeq2SeqLM
-
-    return AutoModelForSeq2SeqLM.from_pretrained(name, **_dtype_kwargs(dtype))
+def load_seq2seq(name: str, vocab_size: int, pad_id: int, eos_id: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    if not is_preset(name):
+        return _load(name, vocab_size, dtype, {}, "AutoModelForSeq2SeqLM")
+    ids = {"pad_token_id": pad_id, "eos_token_id": eos_id, "decoder_start_token_id": pad_id}
+    return _load(name, vocab_size, dtype, {"t5": "T5ForConditionalGeneration"}, "AutoModelForSeq2SeqLM", **ids)
 
 
 def hidden_size(model: nn.Module) -> int:

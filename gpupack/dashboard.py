@@ -126,7 +126,8 @@ def build_view(store: Store, now: float) -> View:
     phases: dict[str, Counter[str]] = {}
     for e in experiments:
         phases.setdefault(e.phase, Counter())[e.state] += 1
-    eta, unknown = estimate_eta(store, experiments, running, len(keys), now)
+    sizes = [total for _u, _used, total in latest.values() if total]
+    eta, unknown = estimate_eta(store, experiments, running, len(keys), min(sizes, default=None), now)
     alloc_end = meta.get("alloc_end") or ""
     return View(
         run=meta.get("run_name", ""), now=now, job_id=meta.get("job_id", ""),
@@ -137,7 +138,9 @@ def build_view(store: Store, now: float) -> View:
     )
 
 
-def estimate_eta(store: Store, experiments: list[Any], running: list[Any], n_gpus: int, now: float) -> tuple[float | None, int]:
+def estimate_eta(
+    store: Store, experiments: list[Any], running: list[Any], n_gpus: int, capacity_bytes: int | None, now: float
+) -> tuple[float | None, int]:
     """(seconds until everything left is done, how many left have no estimate).
 
     Work left is each experiment's remaining time x the share of its GPUs it takes (the larger of
@@ -162,8 +165,7 @@ def estimate_eta(store: Store, experiments: list[Any], running: list[Any], n_gpu
             continue
         left = max(0.0, time_s - (now - started[e.name])) if e.name in started else float(time_s)
         gpus, mem = int(spec.get("gpus", 1) or 0), spec.get("mem_bytes")
-        capacity = _typical_capacity(store)
-        share = 1.0 if spec.get("exclusive") or not mem or not capacity else max(float(spec.get("util", 1.0)), mem / capacity)
+        share = 1.0 if spec.get("exclusive") or not mem or not capacity_bytes else max(float(spec.get("util", 1.0)), mem / capacity_bytes)
         work += left * gpus * min(share, 1.0)
         longest = max(longest, left)
     if work == 0 and longest == 0:
@@ -171,9 +173,221 @@ def estimate_eta(store: Store, experiments: list[Any], running: list[Any], n_gpu
     return max(work / max(n_gpus, 1), longest), unknown
 
 
-def _typical_capacity(store: Store) -> int | None:
-    try:
-        sizes = [int(g["total_bytes"]) for g in json.loads(store.meta().get("gpus") or "[]")]
-    except (ValueError, TypeError, KeyError):
+
+# --- rendering: one set of builders, two skins (live: colour and block bars; plain: ASCII) -----
+
+
+def _bar(fraction: float | None, width: int, plain: bool) -> str:
+    if fraction is None:
+        return ("?" if plain else "·") * width
+    filled = round(max(0.0, min(1.0, fraction)) * width)
+    return "#" * filled + "." * (width - filled) if plain else "█" * filled + "░" * (width - filled)
+
+
+def _header(view: View) -> str:
+    parts = [view.run or "gpupack"]
+    if view.job_id:
+        parts.append(f"job {view.job_id}")
+    if view.started_at is not None:
+        parts.append(f"elapsed {format_duration(view.now - view.started_at)}")
+    parts.append(f"left {format_duration(view.alloc_end - view.now)}" if view.alloc_end is not None else "no time limit")
+    if view.eta_s is not None:
+        parts.append(f"ETA ~{format_duration(view.eta_s)}" + (f" (+{view.unestimated} unestimated)" if view.unestimated else ""))
+    elif view.unestimated:
+        parts.append(f"ETA unknown ({view.unestimated} unestimated)")
+    return " | ".join(parts)
+
+
+def _phase_table(view: View, plain: bool) -> Table:
+    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=not plain)
+    for name, justify in (("phase", "left"), ("progress", "left"), ("done", "right"), ("running", "right"),
+                          ("failed", "right"), ("pending", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for p in view.phases:
+        fraction = p.done / p.total if p.total else 0.0
+        failed = p.counts.get(FAILED, 0)
+        table.add_row(
+            p.name, Text(_bar(fraction, 20, plain), style="" if plain else "green"), f"{p.done}/{p.total}",
+            str(p.counts.get(RUNNING, 0)), Text(str(failed), style="" if plain or not failed else "bold red"),
+            str(p.counts.get(PENDING, 0) + p.counts.get(INTERRUPTED, 0)),
+        )
+    return table
+
+
+def _occupant(o: Occupant) -> str:
+    if o.budget_bytes is None:
+        return f"{o.name} (whole GPU)"
+    peak = format_bytes(o.peak_bytes) if o.peak_bytes is not None else "-"
+    return f"{o.name} ({peak}/{format_bytes(o.budget_bytes)})"
+
+
+def _memory(used: int | None, total: int | None) -> str:
+    """'20.0/80.0 GB': one unit for both, the total's."""
+    if total is None:
+        return format_bytes(used)
+    unit = format_bytes(total).split()[-1]
+    scale = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3}.get(unit, 1.0)
+    return f"{'?' if used is None else f'{used / scale:.1f}'}/{format_bytes(total)}"
+
+
+def _gpu_table(view: View, plain: bool) -> Table:
+    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=not plain)
+    table.add_column("GPU")
+    table.add_column("util", no_wrap=True)
+    table.add_column("memory used", no_wrap=True)
+    table.add_column("occupants (peak/budget)", overflow="fold")
+    for g in view.gpus:
+        used = g.used_bytes / g.total_bytes if g.used_bytes is not None and g.total_bytes else None
+        util = Text("  ?" if g.util_pct is None else f"{g.util_pct:>3.0f}%")
+        util.append(" " + _bar(None if g.util_pct is None else g.util_pct / 100, 10, plain), style="" if plain else "cyan")
+        memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
+        memory.append(_memory(g.used_bytes, g.total_bytes))
+        table.add_row(g.label, util, memory, ", ".join(_occupant(o) for o in g.occupants) or "-")
+    return table
+
+
+def event_line(event: EventRow) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.t))
+    return f"{stamp} {event.kind:<9} {event.message}"
+
+
+def live_renderable(view: View) -> RenderableType:
+    events = Text()
+    for e in view.events:
+        events.append(time.strftime("%H:%M:%S ", time.localtime(e.t)), style="dim")
+        events.append(f"{e.kind:<9} ", style=_EVENT_STYLE.get(e.kind, ""))
+        events.append(e.message + "\n")
+    body = Group(
+        Text(_header(view), style="bold"), _phase_table(view, plain=False), _gpu_table(view, plain=False),
+        Text("recent events", style="bold"), events if view.events else Text("none yet", style="dim"),
+    )
+    return Panel(body, title="gpupack", title_align="left", border_style="blue")
+
+
+def plain_snapshot(view: View, width: int = SNAPSHOT_WIDTH) -> str:
+    """The snapshot as ASCII text without escape codes (rendered by a console that has no colours)."""
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False, emoji=False)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(view.now))
+    console.print(f"=== {stamp} | {_header(view)} ===", markup=False, soft_wrap=True)
+    console.print(_phase_table(view, plain=True))
+    console.print(_gpu_table(view, plain=True))
+    return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
+
+
+class Dashboard:
+    """The run as the engine shows it: call start(), refresh(now) on every tick, stop()."""
+
+    def __init__(self, store: Store, run_dir: Path, console: Console, live: bool, log_every_s: float = 60.0):
+        self.store = store
+        self.run_dir = Path(run_dir)
+        self.console = console
+        self.live = live
+        self.log_every_s = log_every_s
+        self._last_event_id = 0
+        self._last_snapshot: float | None = None
+        self._last_draw = float("-inf")
+        self._live: Live | None = None
+
+    def start(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        # Show this run's events, not the whole history of the run directory's earlier runs.
+        runs = self.store.runs()
+        since = float(runs[-1]["started_at"]) if runs else float("-inf")  # type: ignore[arg-type]
+        self._last_event_id = max((e.id for e in self.store.events() if e.t < since), default=0)
+        if self.live:
+            self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
+            self._live.start()
+        self.refresh(now)
+
+    def refresh(self, now: float) -> None:
+        if self._live is not None:
+            if now - self._last_draw >= _LIVE_MIN_INTERVAL_S:
+                self._last_draw = now
+                self._live.update(live_renderable(build_view(self.store, now)), refresh=True)
+            return
+        for event in self.store.events(after_id=self._last_event_id):
+            self._write(event_line(event))
+            self._last_event_id = event.id
+        if self._last_snapshot is None or now - self._last_snapshot >= self.log_every_s:
+            self._last_snapshot = now
+            self._write(plain_snapshot(build_view(self.store, now)))
+
+    def stop(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        if self._live is not None:
+            self._live.update(live_renderable(build_view(self.store, now)), refresh=True)
+            self._live.stop()
+            self._live = None
+            return
+        self._last_snapshot = None  # the final state, whenever the last snapshot was
+        self.refresh(now)
+
+    def _write(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True, emoji=False)
+        self.console.file.flush()  # `tail -f` sees each line as it happens, not at a buffer's whim
+
+
+def status_table(data: dict[str, Any], now: float | None = None) -> RenderableType:
+    """`gpupack status`: status_data as one table and a line of counts."""
+    now = time.time() if now is None else now
+    nodes = {e["node"] for e in data["experiments"] if e["node"]}
+    table = Table(title=f"{data['run']}: {len(data['experiments'])} experiments", title_justify="left", box=box.SIMPLE_HEAD)
+    for column in ("experiment", "phase", "state", "attempts", "GPUs", "started", "duration", "exit", "reason"):
+        table.add_column(column, justify="right" if column in ("attempts", "duration", "exit") else "left")
+    for e in data["experiments"]:
+        gpus = ",".join(f"gpu{g}" for g in e["gpus"])
+        if len(nodes) > 1 and e["node"]:
+            gpus = f"{e['node']}:{gpus}"
+        start, end = e["started_at"], e["ended_at"]
+        duration = "" if start is None else format_duration((end if end is not None else now) - start)
+        table.add_row(
+            e["name"], e["phase"], Text(e["state"], style=_STATE_STYLE.get(e["state"], "")), str(e["attempts"]), gpus,
+            "" if start is None else time.strftime("%m-%d %H:%M:%S", time.localtime(start)), duration,
+            "" if e["exit_code"] is None else str(e["exit_code"]), e.get("reason") or "",
+        )
+    counts = Counter(e["state"] for e in data["experiments"])
+    summary = Text(" ".join(f"{state} {counts[state]}" for state in _STATE_STYLE if counts[state]))
+    return Group(table, summary)
+
+
+def _run_over(store: Store) -> str | None:
+    """Why the run is over (None while it goes on): it recorded its end, or its scheduler is gone."""
+    runs = store.runs()
+    if not runs:
         return None
-    return min(sizes) if sizes else None
+    last = runs[-1]
+    if last["ended_at"] is not None:
+        return f"run ended (exit code {last['exit_code']})"
+    if last["host"] == socket.gethostname():
+        try:
+            os.kill(int(last["pid"]), 0)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            return f"the scheduler (pid {last['pid']}) is gone without recording an end"
+        except PermissionError:
+            pass  # alive, someone else's
+    return None
+
+
+def watch(run_dir: Path, console: Console, interval_s: float = 2.0) -> int:
+    """`gpupack watch`: the run's dashboard from another terminal, read-only, until it ends or Ctrl-C."""
+    store = Store(Path(run_dir) / "state.db", readonly=True)
+    try:
+        log_every_s = float(store.meta().get("log_every") or 60)
+    except ValueError:
+        log_every_s = 60.0
+    board = Dashboard(store, Path(run_dir), console, live=console.is_terminal, log_every_s=log_every_s)
+    why: str | None = None
+    try:
+        board.start()
+        while (why := _run_over(store)) is None:
+            time.sleep(interval_s)  # polling a file another process writes; there is no event to wait on
+            board.refresh(time.time())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        board.stop()
+        store.close()
+    if why:
+        console.print(why, markup=False, highlight=False)
+    return 0

@@ -367,7 +367,7 @@ class Engine:
         self.store.record_usage({r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)})
         took = format_duration(now - r.started_at)
         where = _where_keys(r.gpus)
-        outcome = judge(code, exp.outputs, exp.workdir, r.handle.exit_file.with_suffix(""))
+        outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded:
             self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED)
             self.states[name] = SUCCEEDED
@@ -378,7 +378,7 @@ class Engine:
             self.states[name] = INTERRUPTED
             self._event("interrupt", name, f"{name} interrupted after {took} on {where}")
             return
-        log = r.handle.exit_file.with_suffix("")
+        log = r.handle.log_path
         if outcome.oom and self.oom_retries.get(name, 0) < MAX_OOM_RETRIES and exp.gpus > 0:
             total = min(self.total_bytes[k] for k in r.gpus) if r.gpus else 0
             current = r.budget_bytes if r.budget_bytes is not None else total

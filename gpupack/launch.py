@@ -22,7 +22,7 @@ from typing import IO, Protocol
 # $1 = exit file, the rest = the command. The trap keeps the wrapper alive through the preempt
 # signal so that it can record the command's status; `:` traps are not inherited by the command.
 _WRAPPER = (
-    'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; "$@"; rc=$?; '
+    'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; echo $$ > "${exit_file%.exit}.pid"; "$@"; rc=$?; '
     'printf "%s\\n" "$rc" > "$exit_file.tmp" && mv -f "$exit_file.tmp" "$exit_file"; exit "$rc"'
 )
 
@@ -48,6 +48,7 @@ class Handle:
     name: str
     pgid: int
     exit_file: Path
+    log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     started_at: float = field(default_factory=time.time)
 
@@ -61,7 +62,7 @@ class Handle:
             return True, (128 - code) if code < 0 else code
         if group_alive(self.pgid):
             return False, None
-        return True, read_exit_file(self.exit_file)
+        return True, read_int_file(self.exit_file)
 
     def signal(self, sig: int) -> None:
         try:
@@ -93,7 +94,8 @@ def _only_zombies(pgid: int) -> bool:
     return stat.rsplit(b")", 1)[-1].split()[0] == b"Z"
 
 
-def read_exit_file(path: Path) -> int | None:
+def read_int_file(path: Path) -> int | None:
+    """The number in a wrapper's .exit or .pid file; None if absent or torn."""
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
@@ -101,7 +103,12 @@ def read_exit_file(path: Path) -> int | None:
 
 
 def exit_file_for(log_path: Path) -> Path:
-    return log_path.with_name(log_path.name + ".exit")
+    """exp/<name>/attempt-3.log -> exp/<name>/.attempt-3.exit (beside it: .attempt-3.pid)."""
+    return log_path.with_name(f".{log_path.stem}.exit")
+
+
+def pid_file_for(log_path: Path) -> Path:
+    return log_path.with_name(f".{log_path.stem}.pid")
 
 
 class Launcher(Protocol):
@@ -120,6 +127,7 @@ class LocalLauncher:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         exit_file = exit_file_for(spec.log_path)
         exit_file.unlink(missing_ok=True)
+        pid_file_for(spec.log_path).unlink(missing_ok=True)
         log = open(spec.log_path, "ab", buffering=0)
         try:
             _write_header(log, spec)
@@ -135,7 +143,7 @@ class LocalLauncher:
             )
         finally:
             log.close()
-        return Handle(spec.name, popen.pid, exit_file, popen)
+        return Handle(spec.name, popen.pid, exit_file, spec.log_path, popen)
 
 
 class SrunLauncher(LocalLauncher):

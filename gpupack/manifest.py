@@ -46,6 +46,7 @@ import yaml
 MAX_EXPERIMENTS = 100_000  # after grid expansion, in the whole manifest
 MAX_PROBLEMS_SHOWN = 100
 MAX_NAME_CHARS = 200
+_MAX_INT = 2**31 - 1
 
 
 class ManifestError(Exception):
@@ -123,7 +124,7 @@ def _number_value(value: object, what: str) -> int | float:
     return value
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int | float) -> int:
     """"20GB" -> 20_000_000_000 (GB = 10^9, GiB = 2^30); an int is bytes. ValueError says why."""
     if not isinstance(text, str):
         value = _number_value(text, "a size like 20GB")
@@ -138,7 +139,7 @@ def parse_size(text: str | int) -> int:
         number, unit = Decimal(match.group(1)), match.group(2).lower()
     size = math.ceil(number * _SIZE_UNITS[unit])  # "0.5 KB" is 500 bytes, never rounded down to 0
     if size > _MAX_BYTES:
-        raise ValueError(f"size {_show(text)} is too large")
+        raise ValueError(f"too large: {_show(text)} is more than 2^63 bytes")
     return size
 
 
@@ -156,7 +157,7 @@ def parse_duration(text: str | int | float) -> float:
     if not isinstance(text, str):
         value = _number_value(text, "a duration like 2h")
         if value > 1e12:  # float() of a 400-digit int overflows; no estimate is 30,000 years
-            raise ValueError(f"duration {_show(text)} is too long")
+            raise ValueError(f"too long: {_show(text)} seconds is more than 30,000 years")
         return float(value)
     s = text.strip()
     if _NUMBER_RE.fullmatch(s):
@@ -281,14 +282,15 @@ def _compile(text: str, allowed: tuple[str, ...], name_field: bool = False) -> _
         parsed = list(string.Formatter().parse(text))
     except ValueError as e:
         raise ValueError(f"bad braces in {_show(text)}: {e} (write {{{{ and }}}} for literal braces)") from None
-    pieces = []
+    pieces: list[tuple[str, str | None, str]] = []
     for literal, name, spec, conversion in parsed:
         if name is None:
             pieces.append((literal, None, ""))
             continue
         written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
         shell = " (write $VAR, or ${{VAR}} for a shell variable)" if literal.endswith("$") else ""
-        if conversion or "{" in (spec or "") or not _PLACEHOLDER_RE.fullmatch(name):
+        # A width of 4+ digits is a typo, and {x:1000000000} would build a 1 GB string.
+        if conversion or "{" in (spec or "") or re.search(r"\d{4}", spec or "") or not _PLACEHOLDER_RE.fullmatch(name):
             raise ValueError(f"bad placeholder {_show(written)}: only {{key}} or {{key:spec}}; "
                              f"write {{{{ and }}}} for literal braces{shell}")
         if name not in allowed:
@@ -309,6 +311,8 @@ def _integer(minimum: int) -> Callable[[object], int]:
             raise ValueError(f"expected an integer >= {minimum}, got {_show(value)}")
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {_show(value)}")
+        if value > _MAX_INT:  # SQLite and JSON readers overflow long before any real use
+            raise ValueError(f"too large: {_show(value)}")
         return value
 
     return parse
@@ -466,6 +470,33 @@ class _Spec:
         return math.prod(len(values) for _, values in self.grid)
 
 
+_MISSING = object()
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or _text_problem(value):
+        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _run_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string (the run directory's name), got {_show(value)}")
+    why = _dirname_problem(value)
+    if why:
+        raise ValueError(why)
+    return value
+
+
+def _items(what: str) -> Callable[[object], list[Any]]:
+    def parse(value: object) -> list[Any]:
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"expected a non-empty list of {what}, got {_show(value)}")
+        return value
+
+    return parse
+
+
 class _Builder:
     def __init__(self, path: Path, shown: str, text: str, gpu_capacity_bytes: int | None):
         self.path, self.text, self.capacity = path, text, gpu_capacity_bytes
@@ -476,11 +507,19 @@ class _Builder:
             self.problems.add(who, where + sub, what)
 
     def _field(self, who: str, where: str, parse: Callable[[Any], Any], value: object) -> Any:
+        """parse(value), or None after reporting why not."""
         try:
             return parse(value)
         except ValueError as e:
             self._report(who, where, e)
             return None
+
+    def _get(self, who: str, raw: Mapping[Any, Any], key: str, parse: Callable[[Any], Any],
+             default: object = _MISSING) -> Any:
+        if key not in raw and default is _MISSING:
+            self.problems.add(who, key, "missing (required)")
+            return None
+        return self._field(who, key, parse, raw.get(key, default))
 
     def _keys(self, who: str, mapping: Mapping[Any, Any], valid: list[str], where: str = "") -> None:
         for key in mapping:
@@ -517,35 +556,26 @@ class _Builder:
             got = "an empty file" if data is None else _show(data)
             self.problems.add("manifest", "top level", f"expected a mapping (name:, phases:, ...), got {got}")
             raise self.problems.error()
-        self._keys("manifest", data, _TOP_KEYS)
+        top = "manifest"
+        self._keys(top, data, _TOP_KEYS)
+        name = self._get(top, data, "name", _run_name)
         base = self.path.parent
-        name = self._field("manifest", "name", _run_name, data.get("name"))  # None: missing
-        runs_dir = self._field("manifest", "runs_dir", _path_text, data.get("runs_dir", "runs"))
-        workdir_text = self._field("manifest", "workdir", _path_text, data.get("workdir", "."))
+        runs_dir = self._get(top, data, "runs_dir", _text, "runs")
+        run_dir = Path(os.path.abspath(base / os.path.expanduser(runs_dir or "runs"))) / (name or "_")
+        workdir_text = self._get(top, data, "workdir", _text, ".")
         workdir = Path(os.path.abspath(base / os.path.expanduser(workdir_text or ".")))
         if workdir_text is not None and not workdir.is_dir():
-            self.problems.add("manifest", "workdir", f"no such directory: {workdir}")
-        run_dir = Path(os.path.abspath(base / os.path.expanduser(runs_dir or "runs"))) / (name or "_")
-        env = self._field("manifest", "env", _env, data.get("env", {})) or {}
-        top_env = self._templates("manifest", "env", env, BUILTIN_PLACEHOLDERS)
-        defaults = data.get("defaults", {})
-        if not isinstance(defaults, Mapping):
-            self.problems.add("manifest", "defaults", f"expected a mapping of experiment fields, got {_show(defaults)}")
-            defaults = {}
-        for key in ("name", "cmd", "grid"):
-            if key in defaults:
-                self.problems.add("manifest", f"defaults.{key}", "can't have a default: set it in each experiment")
-        self._keys("manifest", {k: v for k, v in defaults.items() if k not in ("name", "cmd", "grid")},
-                   list(_FIELDS), "defaults.")
-        merged = {**_BUILTIN_VALUES, **self._fields("manifest", defaults, "defaults.")}
-        for key in _TEMPLATED:
-            merged[key] = self._templates("manifest", f"defaults.{key}", merged[key], BUILTIN_PLACEHOLDERS)
-        merged["env"] = {**top_env, **self._templates("manifest", "defaults.env", merged["env"], BUILTIN_PLACEHOLDERS)}
-        phases, specs = self._phases(data, merged)
+            self.problems.add(top, "workdir", f"no such directory: {workdir}")
+        env = self._templates(top, "env", self._get(top, data, "env", _env, {}) or {}, BUILTIN_PLACEHOLDERS)
+        merged = self._defaults(data.get("defaults", {}), env)
+        phases: list[Phase] = []
+        specs: list[_Spec] = []
+        for i, raw in enumerate(self._get(top, data, "phases", _items("phases")) or []):
+            self._phase(i, raw, merged, phases, specs)
         total = sum(spec.count for spec in specs)
         if total > MAX_EXPERIMENTS:
             largest = max(specs, key=lambda s: s.count)
-            self.problems.add("manifest", "grid", f"expands to {total:,} experiments, more than the limit of "
+            self.problems.add(top, "grid", f"expands to {total:,} experiments, more than the limit of "
                               f"{MAX_EXPERIMENTS:,} (largest: {largest.who} x {largest.count:,})")
             raise self.problems.error()
         experiments = _Expansion(self.problems, run_dir, workdir, phases).run(specs)
@@ -553,52 +583,48 @@ class _Builder:
             raise self.problems.error()
         return Manifest(self.path, name, run_dir, workdir, tuple(phases), experiments, self.text)
 
-    def _phases(self, data: Mapping[str, Any], merged: dict[str, Any]) -> tuple[list[Phase], list[_Spec]]:
-        raw_phases = data.get("phases")
-        if not isinstance(raw_phases, list) or not raw_phases:
-            got = "nothing" if raw_phases is None else _show(raw_phases)
-            self.problems.add("manifest", "phases", f"expected a non-empty list of phases, got {got}")
-            return [], []
-        phases: list[Phase] = []
-        specs: list[_Spec] = []
-        for i, raw in enumerate(raw_phases):
-            if not isinstance(raw, Mapping):
-                self.problems.add(f"phase #{i + 1}", "phases", f"expected a mapping (name:, experiments:), got {_show(raw)}")
-                continue
-            name = raw.get("name")
-            valid_name = isinstance(name, str) and name and not _text_problem(name)
-            who = f"phase {_label(name)}" if valid_name else f"phase #{i + 1}"
-            if not valid_name:
-                self.problems.add(who, "name", f"expected a non-empty string, got {_show(name) if 'name' in raw else 'nothing'}")
-                name = f"#{i + 1}"
-            elif any(p.name == name for p in phases):
+    def _defaults(self, defaults: object, env: dict[str, _Template]) -> dict[str, Any]:
+        """Built-in values overridden by `defaults:`; its placeholders may only be built-ins."""
+        if not isinstance(defaults, Mapping):
+            self.problems.add("manifest", "defaults", f"expected a mapping of experiment fields, got {_show(defaults)}")
+            defaults = {}
+        per_experiment = ("name", "cmd", "grid")
+        for key in per_experiment:
+            if key in defaults:
+                self.problems.add("manifest", f"defaults.{key}", "can't have a default: set it in each experiment")
+        self._keys("manifest", {k: v for k, v in defaults.items() if k not in per_experiment},
+                   list(_FIELDS), "defaults.")
+        merged = {**_BUILTIN_VALUES, **self._fields("manifest", defaults, "defaults.")}
+        for key in (*_TEMPLATED, "env"):
+            merged[key] = self._templates("manifest", f"defaults.{key}", merged[key], BUILTIN_PLACEHOLDERS)
+        merged["env"] = {**env, **merged["env"]}
+        return merged
+
+    def _phase(self, i: int, raw: object, merged: dict[str, Any], phases: list[Phase], specs: list[_Spec]) -> None:
+        who = f"phase #{i + 1}"
+        if not isinstance(raw, Mapping):
+            self.problems.add(who, "phases", f"expected a mapping (name:, experiments:), got {_show(raw)}")
+            return
+        name = self._get(who, raw, "name", _text)
+        if name is not None:
+            who = f"phase {_label(name)}"
+            if any(p.name == name for p in phases):
                 self.problems.add(who, "name", "duplicate phase name")
-            self._keys(who, raw, _PHASE_KEYS)
-            barrier = self._field(who, "barrier", _boolean, raw.get("barrier", False))
-            phase = Phase(name, len(phases), bool(barrier))
-            phases.append(phase)
-            exps = raw.get("experiments")
-            if not isinstance(exps, list) or not exps:
-                got = "nothing" if exps is None else _show(exps)
-                self.problems.add(who, "experiments", f"expected a non-empty list of experiments, got {got}")
-                continue
-            for j, exp in enumerate(exps):
-                spec = self._experiment(phase, f"{who} experiment #{j + 1}", exp, merged)
-                if spec is not None:
-                    specs.append(spec)
-        return phases, specs
+        self._keys(who, raw, _PHASE_KEYS)
+        barrier = self._get(who, raw, "barrier", _boolean, False)
+        phase = Phase(name or f"#{i + 1}", len(phases), bool(barrier))
+        phases.append(phase)
+        for j, exp in enumerate(self._get(who, raw, "experiments", _items("experiments")) or []):
+            spec = self._experiment(phase, f"{who} experiment #{j + 1}", exp, merged)
+            if spec is not None:
+                specs.append(spec)
 
     def _experiment(self, phase: Phase, who: str, raw: object, merged: dict[str, Any]) -> _Spec | None:
         if not isinstance(raw, Mapping):
             self.problems.add(who, "experiment", f"expected a mapping (name:, cmd:, ...), got {_show(raw)}")
             return None
-        template = raw.get("name")
-        if isinstance(template, str) and template and not _text_problem(template):
-            who = _label(template)
-        else:
-            got = _show(template) if "name" in raw else "nothing"
-            self.problems.add(who, "name", f"expected a non-empty string, got {got}")
-            template = None
+        template = self._get(who, raw, "name", _text)
+        who = _label(template) if template is not None else who
         self._keys(who, raw, _EXPERIMENT_KEYS)
         grid = self._grid(who, raw.get("grid", {}))
         keys = tuple(k for k, _ in grid)
@@ -606,10 +632,7 @@ class _Builder:
         name = None
         if template is not None:
             name = self._field(who, "name", lambda t: _compile(t, (*keys, *_NAME_PLACEHOLDERS), True), template)
-        cmd = raw.get("cmd")
-        if not isinstance(cmd, str) or not cmd.strip():
-            self.problems.add(who, "cmd", f"expected a non-empty string, got {_show(cmd) if 'cmd' in raw else 'nothing'}")
-            cmd = None
+        cmd = self._get(who, raw, "cmd", lambda t: _compile(_text(t), allowed))
         own = self._fields(who, raw)
         for key in (*_TEMPLATED, "env"):
             if key in own:
@@ -619,12 +642,9 @@ class _Builder:
         if self.capacity is not None and values["gpus"] and mem is not None and mem > self.capacity:
             self.problems.add(who, "mem", f"{mem / 1e9:.1f} GB is more than a GPU holds "
                               f"({self.capacity / 1e9:.1f} GB): can't fit on any GPU")
-        return _Spec(
-            who, template or who, phase, name,
-            self._field(who, "cmd", lambda t: _compile(t, allowed), cmd) if cmd is not None else None,
-            grid, values, values.pop("depends_on"), values.pop("outputs"),
-            {**merged["env"], **own.get("env", {})},
-        )
+        env = {**merged["env"], **own.get("env", {})}
+        return _Spec(who, template or who, phase, name, cmd, grid, values,
+                     values.pop("depends_on"), values.pop("outputs"), env)
 
     def _grid(self, who: str, raw: object) -> list[tuple[str, list[Any]]]:
         if not isinstance(raw, Mapping):
@@ -644,21 +664,6 @@ class _Builder:
             else:
                 grid.append((key, values))
         return grid
-
-
-def _run_name(value: object) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"expected a string (the run directory's name), got {_show(value)}")
-    why = _dirname_problem(value)
-    if why:
-        raise ValueError(why)
-    return value
-
-
-def _path_text(value: object) -> str:
-    if not isinstance(value, str) or not value or _text_problem(value):
-        raise ValueError(f"expected a path, got {_show(value)}")
-    return value
 
 
 class _Expansion:

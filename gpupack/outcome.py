@@ -59,6 +59,10 @@ def judge(exit_code: int | None, outputs: Sequence[str], workdir: Path, log_path
     oom = log_shows_oom(log_path)
     if exit_code is None:
         return Outcome(False, "ended with an unknown status", oom)
+    if exit_code == 127:
+        return Outcome(False, "command not found (exit 127)", oom)
+    if exit_code == 126:
+        return Outcome(False, "command not executable (exit 126)", oom)
     if exit_code > 128:
         return Outcome(False, f"killed by signal {exit_code - 128}", oom)
     return Outcome(False, "CUDA out of memory" if oom else f"exit code {exit_code}", oom)

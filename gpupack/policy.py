@@ -251,7 +251,7 @@ class _View:
         node_ok: Callable[[str], bool] | None = None,
     ) -> Placement | None:
         """Best-fit placement of `req` on one node, or None."""
-        nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (node_ok is None or node_ok(n))]
+        nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (not node_ok or node_ok(n))]
         if req.gpus == 0:
             return Placement(req.name, nodes[0], ()) if nodes else None
         best: tuple[tuple[int, int], str, list[_Gpu]] | None = None
@@ -279,36 +279,37 @@ class _View:
                 return "no node to run on"
             node = max(self.nodes, key=lambda n: self.cpus_free(n) or 0)
             return f"needs {req.cpus} CPUs (most free: {node} has {self.cpus_free(node)})"
-        counts = {n: sum(g.hole_after(req, self.headroom) is not None for g in gs) for n, gs in self.by_node.items()}
+        counts = {
+            n: sum(g.hole_after(req, self.headroom) is not None for g in gs) for n, gs in self.by_node.items()
+        }
         for node, n in counts.items():
             if n >= req.gpus:  # memory would do: CPUs are what is short
                 return f"needs {req.cpus} CPUs on {node}, {self.cpus_free(node)} free"
-        if req.mem_bytes is None:
-            need = "an empty GPU (memory unknown)" if req.gpus == 1 else f"{req.gpus} empty GPUs (memory unknown)"
-        elif req.exclusive:
-            need = "an empty GPU (exclusive)" if req.gpus == 1 else f"{req.gpus} empty GPUs (exclusive)"
-        else:
-            need = ""
+        mem = _fmt_bytes(req.mem_bytes or 0)
+        empty = "memory unknown" if req.mem_bytes is None else "exclusive" if req.exclusive else ""
         if req.gpus > 1:
-            node, n = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
-            what = need or f"{req.gpus} GPUs with {_fmt_bytes(req.mem_bytes or 0)} free"
-            return f"needs {what} on one node (best: {node or 'none'} has {n})"
-        if need:
-            return f"needs {need}; none is free"
-        rooms = [(r, g) for g in self.gpus.values() if (r := g.room(self.headroom)) is not None]
+            node, n = max(counts.items(), key=lambda kv: kv[1], default=("none", 0))
+            what = f"{req.gpus} empty GPUs ({empty})" if empty else f"{req.gpus} GPUs with {mem} free"
+            return f"needs {what} on one node (best: {node} has {n})"
+        if empty:
+            return f"needs an empty GPU ({empty}); none is free"
+        rooms = [(r, -g.pos, g.key) for g in self.gpus.values() if (r := g.room(self.headroom)) is not None]
         if not rooms:
-            return f"no GPU with {_fmt_bytes(req.mem_bytes or 0)} free (every GPU is held whole)"
-        room, g = max(rooms, key=lambda rg: (rg[0], -rg[1].pos))
-        return f"no GPU with {_fmt_bytes(req.mem_bytes or 0)} free (best: {self.label(g.key)} has {_fmt_bytes(max(room, 0))})"
+            return f"no GPU with {mem} free (every GPU is held whole)"
+        room, _, key = max(rooms)
+        return f"no GPU with {mem} free (best: {self.label(key)} has {_fmt_bytes(max(room, 0))})"
 
     def label(self, key: GpuKey) -> str:
         return f"gpu{key[1]}" if len(self.by_node) <= 1 else f"{key[0]}:gpu{key[1]}"
 
 
+def _keys(p: Placement) -> tuple[GpuKey, ...]:
+    return tuple((p.node, i) for i in p.gpus)
+
+
 def _claim(p: Placement, req: Request, now_s: float) -> _Claim:
     end = None if req.time_s is None else now_s + req.time_s
-    gpus = tuple((p.node, i) for i in p.gpus)
-    return _Claim(gpus, p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end)
+    return _Claim(_keys(p), p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end)
 
 
 def _occupant_claim(o: Occupant) -> _Claim:
@@ -317,10 +318,50 @@ def _occupant_claim(o: Occupant) -> _Claim:
     return _Claim(o.gpus, node, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s)
 
 
+@dataclass(eq=False)
+class _Hold:
+    """The head's reservation within one call, and the view at its start: the claims that end
+    by then released, the backfills that outlast it added."""
+
+    head: Request
+    res: Reservation
+    future: _View
+    starts_in: str  # "40m"; "" when the start is unknown
+
+    @property
+    def note(self) -> str:
+        return f" (starts in {self.starts_in})" if self.starts_in else ""
+
+    def outlasts(self, req: Request, now_s: float) -> bool:
+        """Would `req` still run at the reserved start? Unknown start or time: assume so."""
+        start, t = self.res.start_s, req.time_s
+        return start is None or t is None or now_s + t > start
+
+    def find(self, view: _View, req: Request) -> Placement | None:
+        """Best fit for a `req` that outlasts the reservation, on GPUs and a node that leave
+        the head fitting on its reserved GPUs at its start."""
+        reserved, head, future = set(self.res.gpus), self.head, self.future
+
+        def gpu_ok(g: _Gpu) -> bool:
+            if g.key not in reserved:
+                return True
+            probe = _Claim((g.key,), "", req.mem_bytes, req.holds_whole, 0, 0, None)
+            future.add(probe)  # try it on, then take it off again (observed 0: the reading stays)
+            try:
+                return future.gpus[g.key].hole_after(head, future.headroom) is not None
+            finally:
+                future.add(probe, -1)
+
+        def node_ok(node: str) -> bool:
+            return node != self.res.node or future.cpus_fit(node, req.cpus + head.cpus)
+
+        return view.find(req, gpu_ok, node_ok)
+
+
 def _reserve(
     head: Request, view: _View, claims: Sequence[_Claim], now_s: float, time_left_s: float | None
-) -> tuple[Reservation, _View] | None:
-    """The head's reservation and the view at its start, or None if it should hold nothing."""
+) -> _Hold | None:
+    """The head's reservation, or None if it should hold nothing."""
     future = view.copy()
     known = sorted((c for c in claims if c.end_s is not None), key=lambda c: c.end_s or 0.0)
     steps: list[tuple[float | None, list[_Claim]]] = []
@@ -336,13 +377,16 @@ def _reserve(
         p = future.find(head)
         if p is None:
             continue
-        start_s = None if end_s is None else max(now_s, end_s)
+        if end_s is None:
+            return _Hold(head, Reservation(head.name, None, _keys(p), p.node), future, "")
+        start_s = max(now_s, end_s)  # an overdue occupant may end any moment
         if (
-            start_s is not None and time_left_s is not None and head.time_s is not None
-            and not head.resumable and start_s - now_s + head.time_s > time_left_s
+            time_left_s is not None and head.time_s is not None and not head.resumable
+            and start_s - now_s + head.time_s > time_left_s
         ):
             return None  # it would be refused for time when its GPUs free up
-        return Reservation(head.name, start_s, tuple((p.node, i) for i in p.gpus), p.node), future
+        res = Reservation(head.name, start_s, _keys(p), p.node)
+        return _Hold(head, res, future, _fmt_duration(start_s - now_s))
     return None
 
 
@@ -361,98 +405,58 @@ def place(
 
     `requests` holds every experiment of the run (any state); `states` maps every name to its
     State (a missing name counts as PENDING). Cost: O(requests + dependency edges) to find and
-    rank candidates, then O(GPUs) per candidate, with failures cached per request shape so a
-    long queue behind full GPUs costs a dict lookup each.
+    rank candidates, then O(GPUs) per candidate, with failures cached per request shape (views
+    only fill up during a call) so a long queue behind full GPUs costs a dict lookup each.
     """
     waiting: dict[str, str] = {}
     candidates, live = _candidates(requests, states, waiting)
     cp = _critical_paths(live)
-    candidates.sort(
-        key=lambda r: (r.phase_index, -cp.get(r.name, 0.0), r.time_s is None, -(r.time_s or 0.0), r.order)
-    )
+    candidates.sort(key=lambda r: (r.phase_index, -cp[r.name], r.time_s is None, -(r.time_s or 0.0), r.order))
 
     view = _View(gpus, limits)
     claims = [_occupant_claim(o) for o in occupants]
     for c in claims:
         view.add(c)
     placements: list[Placement] = []
-    failed: dict[tuple[object, ...], str] = {}  # (shape, filtered) -> reason; views only fill up
+    failed: dict[tuple[object, ...], str] = {}  # (shape, held back by the reservation) -> reason
     unreservable: set[tuple[object, ...]] = set()
-    head: Request | None = None
-    res: Reservation | None = None
-    future: _View | None = None
-    reserved_note = ""
+    hold: _Hold | None = None
+    left = limits.time_left_s
 
     for req in candidates:
-        left = limits.time_left_s
         if left is not None and req.time_s is not None and req.time_s > left and not req.resumable:
-            waiting[req.name] = f"needs {_fmt_duration(req.time_s)}, {_fmt_duration(left)} left in the allocation"
+            need, have = _fmt_duration(req.time_s), _fmt_duration(left)
+            waiting[req.name] = f"needs {need}, {have} left in the allocation"
             continue
         shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus)
-        short = (
-            res is not None and res.start_s is not None and req.time_s is not None
-            and now_s + req.time_s <= res.start_s
-        )
-        filtered = res is not None and not short
-        reason = failed.get((shape, False)) or (failed.get((shape, True)) if filtered else None)
+        guard = hold if hold is not None and hold.outlasts(req, now_s) else None
+        reason = failed.get((shape, False)) or (failed.get((shape, True)) if guard else None)
         p = None
         if reason is None:
-            if filtered:
-                assert head is not None and res is not None and future is not None
-                gpu_ok, node_ok = _backfill_filters(req, head, res, future)
-                p = view.find(req, gpu_ok, node_ok)
-                if p is None and view.find(req) is not None:
-                    reason = failed[(shape, True)] = f"reserved for {head.name}{reserved_note}"
-            else:
-                p = view.find(req)
-            if p is None and reason is None:
+            p = guard.find(view, req) if guard else view.find(req)
+            if p is None and guard and view.find(req) is not None:
+                reason = failed[(shape, True)] = f"reserved for {guard.head.name}{guard.note}"
+            elif p is None:
                 reason = failed[(shape, False)] = view.why_not(req)
         if p is None:
             assert reason is not None
-            res_key = (shape, req.time_s, req.resumable)
-            if res is None and res_key not in unreservable:
-                found = _reserve(req, view, claims, now_s, left)
-                if found is None:
-                    unreservable.add(res_key)
+            if hold is None and (shape, req.time_s, req.resumable) not in unreservable:
+                hold = _reserve(req, view, claims, now_s, left)
+                if hold is None:
+                    unreservable.add((shape, req.time_s, req.resumable))
                 else:
-                    head, (res, future) = req, found
-                    starts = "" if res.start_s is None else f"in {_fmt_duration(res.start_s - now_s)}"
-                    reserved_note = f" (starts {starts})" if starts else ""
-                    where = ", ".join(view.label(k) for k in res.gpus) or res.node
-                    reason += f"; first in line, holds {where} (free {starts or 'when an occupant of unknown end finishes'})"
+                    where = ", ".join(view.label(k) for k in hold.res.gpus) or hold.res.node
+                    when = f"in {hold.starts_in}" if hold.starts_in else _UNKNOWN_END
+                    reason += f"; first in line, holds {where} (free {when})"
             waiting[req.name] = reason
             continue
         c = _claim(p, req, now_s)
         view.add(c)
         claims.append(c)
-        if filtered and future is not None:  # still running at the reserved start
-            future.add(c)
+        if guard:  # still running at the reserved start
+            guard.future.add(c)
         placements.append(p)
-    return Decision(tuple(placements), waiting, res)
-
-
-def _backfill_filters(
-    req: Request, head: Request, res: Reservation, future: _View
-) -> tuple[Callable[[_Gpu], bool], Callable[[str], bool]]:
-    """May `req` (still running at the reserved start) take this GPU / node without delaying the head?"""
-    reserved = set(res.gpus)
-    cand = _Claim((), res.node, req.mem_bytes, req.holds_whole, 0, req.cpus, None)
-
-    def gpu_ok(g: _Gpu) -> bool:
-        if g.key not in reserved:
-            return True
-        fg = future.gpus[g.key]
-        probe = replace(cand, gpus=(g.key,), cpus=0)
-        future.add(probe)
-        try:
-            return fg.hole_after(head, future.headroom) is not None
-        finally:
-            future.add(probe, -1)
-
-    def node_ok(node: str) -> bool:
-        return node != res.node or future.cpus_fit(node, req.cpus + head.cpus)
-
-    return gpu_ok, node_ok
+    return Decision(tuple(placements), waiting, hold.res if hold else None)
 
 
 def _candidates(
@@ -486,13 +490,14 @@ def _candidates(
         if r.phase_index in blocked:
             first, n = blocked[r.phase_index]
             phase = first.phase or f"#{first.phase_index}"
-            waiting[r.name] = f"behind the barrier of phase {phase}: {n} earlier experiment{'s' * (n != 1)} not ended"
+            plural = "s" * (n != 1)
+            waiting[r.name] = f"behind the barrier of phase {phase}: {n} earlier experiment{plural} not ended"
             continue
         unmet = [d for d in r.depends_on if states.get(d, pending) is not State.SUCCEEDED]
         if not unmet:
             out.append(r)
             continue
-        dead = next((f"dependency {d} {why}" for d in unmet if (why := _ended_badly(states.get(d, pending)))), "")
+        dead = next((f"dependency {d} {w}" for d in unmet if (w := _ended_badly(states.get(d, pending)))), "")
         more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
         waiting[r.name] = dead or f"waiting for dependency {unmet[0]}{more}"
     return out, live
@@ -557,7 +562,8 @@ def unfit_reason(
     cpus_per_node: Mapping[str, int] | None = None,
 ) -> str | None:
     """Why the request can never run on this inventory, even with every GPU empty, or None."""
-    if cpus_per_node and request.cpus > max(cpus_per_node.values()):
+    limited = cpus_per_node is not None and all(g.node in cpus_per_node for g in gpus)
+    if cpus_per_node and limited and request.cpus > max(cpus_per_node.values()):
         return f"needs {request.cpus} CPUs; the largest node has {max(cpus_per_node.values())}"
     if request.gpus == 0:
         return None
@@ -566,8 +572,8 @@ def unfit_reason(
     need = request.mem_bytes or 0
     biggest = max(g.total_bytes for g in gpus)
     if need > biggest - headroom_bytes:
-        return (f"needs {_fmt_bytes(need)} per GPU; the largest GPU holds {_fmt_bytes(biggest)}"
-                + (f" minus {_fmt_bytes(headroom_bytes)} headroom" if headroom_bytes else ""))
+        minus = f" minus {_fmt_bytes(headroom_bytes)} headroom" if headroom_bytes else ""
+        return f"needs {_fmt_bytes(need)} per GPU; the largest GPU holds {_fmt_bytes(biggest)}{minus}"
     per_node = Counter(g.node for g in gpus if g.total_bytes - headroom_bytes >= need)
     most = max(per_node.values())
     if request.gpus > most:
@@ -579,6 +585,9 @@ def unfit_reason(
 def _ended_badly(state: State) -> str:
     """How a dependency ended such that its dependants can never run ("" if it did not)."""
     return "failed" if state is State.FAILED else "was skipped" if state is State.SKIPPED else ""
+
+
+_UNKNOWN_END = "when an occupant of unknown end finishes"
 
 
 def _fmt_bytes(n: int) -> str:

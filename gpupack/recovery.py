@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .launch import Handle, exit_file_for, group_alive, read_exit_file
+from .launch import Handle, exit_file_for, group_alive, pid_file_for, read_int_file
 from .manifest import Experiment
 from .outcome import judge
 from .store import (
@@ -75,16 +75,16 @@ def recover(store: Store, experiments: Mapping[str, Experiment], now: float) -> 
         exit_file = exit_file_for(log_path)
         pgid = attempt.pgid
         if pgid is None:
-            # Crashed between recording the attempt and spawning or recording its pgid:
-            # the wrapper's own pid file is not needed, the exit file or nothing tells.
-            pgid = -1
+            # Died between spawning and recording the pgid: the wrapper wrote its pid (= pgid,
+            # it leads its own session) as its first act.
+            pgid = read_int_file(pid_file_for(log_path)) or -1
         if pgid > 0 and group_alive(pgid) and _group_is_attempt(pgid, exit_file, attempt.experiment):
-            handle = Handle(attempt.experiment, pgid, exit_file, None, attempt.started_at)
+            handle = Handle(attempt.experiment, pgid, exit_file, log_path, None, attempt.started_at)
             found.append(
                 Recovered("info", attempt.experiment, f"{attempt.experiment} is still running (pgid {pgid}): adopted", attempt, handle)
             )
             continue
-        code = read_exit_file(exit_file)
+        code = read_int_file(exit_file)
         if code is not None and exp is not None:
             outcome = judge(code, exp.outputs, exp.workdir, log_path)
             if outcome.succeeded:

@@ -8,8 +8,8 @@ deviation and the half-width of the 95% confidence interval of the mean, Student
 degrees of freedom. A results.json usually echoes the config it ran under "config"/"args"/
 "params", and may repeat grid values: neither is a metric, both are left out.
 
-    | experiment          | task | metric   | n | mean  | ±95% CI |
-    | bridge-sst2-s{seed} | sst2 | accuracy | 3 | 0.840 | 0.099   |
+    | experiment          | task | metric   | n | mean ± 95% CI |
+    | bridge-sst2-s{seed} | sst2 | accuracy | 3 | 0.840 ± 0.099 |
 """
 
 from __future__ import annotations
@@ -203,13 +203,14 @@ def render(table: ResultsTable, fmt: str = "md") -> str:
         raise ValueError(f"unknown format {fmt!r} (md, csv or json)")
     if not records:
         return "no results: no succeeded experiment has a results.json\n"
-    header = ["experiment", *table.keys, "metric", "n", "mean", "±95% CI"]
+    header = ["experiment", *table.keys, "metric", "n", "mean ± 95% CI"]
     lines = []
     for r in table.rows:
         mean, ci = _round(r.stat.mean, r.stat.ci95)
-        lines.append([r.experiment, *(_cell(r.group.get(k)) for k in table.keys), r.metric, str(r.stat.n), mean, ci])
+        value = f"{mean} ± {ci}" if ci else mean
+        lines.append([r.experiment, *(_cell(r.group.get(k)) for k in table.keys), r.metric, str(r.stat.n), value])
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    right = {len(header) - 3, len(header) - 2, len(header) - 1}  # n, mean, CI
+    right = {len(header) - 2, len(header) - 1}  # n, mean ± CI
 
     def fmt_row(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"

@@ -380,7 +380,9 @@ def srun_argv(
     `gpu_indices` (values for CUDA_VISIBLE_DEVICES, see Allocation.gpu_ids) and `cpus` cores.
 
     --exact gives the step its own cores (without it a step takes all of the job's CPUs and
-    steps serialize); --export=ALL because a job submitted with --export=NONE hands
+    steps serialize); --mem=0 because where memory is consumable and the job set --mem, a step
+    without --mem holds all of the job's memory and steps serialize (22.05, observed);
+    --export=ALL because a job submitted with --export=NONE hands
     SLURM_EXPORT_ENV=NONE to srun, which would drop gpupack's variables. In "overlap" mode
     `node_gpus` is the number of GPUs the job holds on `node` (None: Slurm's default, all).
     `env` sets CUDA_VISIBLE_DEVICES inside the step: slurmstepd strips one passed in."""
@@ -392,7 +394,7 @@ def srun_argv(
         raise ValueError(f"inner_argv must start with a command, got {list(inner_argv)!r}")
     argv = [
         "srun", "--exact", "-N1", "-n1", f"--nodelist={node}", f"--job-name={name}",
-        f"--cpus-per-task={cpus}", "--kill-on-bad-exit=1", "--export=ALL",
+        f"--cpus-per-task={cpus}", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL",
     ]
     if not gpu_indices:
         # A step with no GPU option asks for all of the job's GPUs and waits for them.

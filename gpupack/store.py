@@ -165,7 +165,7 @@ def _gpus_tuple(text: str) -> tuple[int, ...]:
 class Store:
     """Access to state.db. Writers use `Store(path)`; readers `Store(path, readonly=True)`."""
 
-    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 10.0):
+    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 60.0):
         self.path = Path(path)
         self.readonly = readonly
         try:

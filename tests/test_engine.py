@@ -237,7 +237,7 @@ def test_sigterm_interrupts_then_rerun_resumes_and_skips(write_manifest, tmp_pat
               - name: quick
                 cmd: {RECORD} 0
               - name: slow
-                cmd: {RECORD} 60
+                cmd: {RECORD} 60 --resumed-seconds 0
                 resumable: true
         """)
     run_dir = tmp_path / "runs" / "preempt"

@@ -347,7 +347,7 @@ def test_control_characters_in_names_are_refused_and_escaped(tmp_path: Path) -> 
 def test_missing_name_is_named_by_position(tmp_path: Path) -> None:
     text = manifest(exp(), {"cmd": "true", "mem": "1 XB"})
     assert problems(tmp_path, text) == [
-        "phase p experiment #2: name: expected a non-empty string, got nothing",
+        "phase p experiment #2: name: missing (required)",
         "phase p experiment #2: mem: bad size '1 XB' (use MB, MiB, GB or GiB)",
     ]
 
@@ -383,7 +383,7 @@ def test_yaml_level_errors(tmp_path: Path, text: str, expected: str) -> None:
         ({"name": None}, ["manifest: name: expected a string (the run directory's name), got None"]),
         ({"name": "a/b"}, ["manifest: name: 'a/b' contains '/' (a name is a directory name)"]),
         ({"name": ".."}, ["manifest: name: '..' can't be a directory name"]),
-        ({"runs_dir": 5}, ["manifest: runs_dir: expected a path, got 5"]),
+        ({"runs_dir": 5}, ["manifest: runs_dir: expected a non-empty string, got 5"]),
         ({"workdir": "missing"}, ["manifest: workdir: no such directory: {tmp}/missing"]),
         ({"env": "A=1"}, ["manifest: env: expected a mapping NAME: value, got 'A=1'"]),
         ({"env": {"A": "{seed}"}}, ["manifest: env.A: unknown placeholder '{seed}' (valid: name, phase, out, run, gpus)"]),
@@ -394,9 +394,10 @@ def test_yaml_level_errors(tmp_path: Path, text: str, expected: str) -> None:
          ["manifest: defaults.gpus: must be >= 0, got -1", "manifest: defaults.mem: bad size '1 XB' (use MB, MiB, GB or GiB)"]),
         ({"defaults": {"outputs": "{x}"}}, ["manifest: defaults.outputs: unknown placeholder '{x}'"]),
         ({"phases": []}, ["manifest: phases: expected a non-empty list of phases, got an empty list"]),
-        ({"phases": None}, ["manifest: phases: expected a non-empty list of phases, got nothing"]),
+        ({"phases": None}, ["manifest: phases: expected a non-empty list of phases, got None"]),
         ({"phases": ["p"]}, ["phase #1: phases: expected a mapping (name:, experiments:), got 'p'"]),
-        ({"phases": [{"experiments": [exp()]}]}, ["phase #1: name: expected a non-empty string, got nothing"]),
+        ({"phases": [{"experiments": [exp()]}]}, ["phase #1: name: missing (required)"]),
+        ({"phases": [{"name": "p"}]}, ["phase p: experiments: missing (required)"]),
         ({"phases": [{"name": "p", "experiments": [exp("a")]}, {"name": "p", "experiments": [exp("b")]}]},
          ["phase p: name: duplicate phase name"]),
         ({"phases": [{"name": "p", "barrier": "no", "experiments": [exp()]}]},
@@ -416,10 +417,8 @@ def test_manifest_and_phase_errors(tmp_path: Path, top: dict[str, Any], expected
 
 
 def test_missing_name_and_phases(tmp_path: Path) -> None:
-    assert problems(tmp_path, "runs_dir: r\n") == [
-        "manifest: name: expected a string (the run directory's name), got None",
-        "manifest: phases: expected a non-empty list of phases, got nothing",
-    ]
+    assert problems(tmp_path, "runs_dir: r\n") == ["manifest: name: missing (required)", "manifest: phases: missing (required)"]
+    assert problems(tmp_path, manifest({"name": "e"})) == ["e: cmd: missing (required)"]
 
 
 # --------------------------------------------------------------------------- expansion rules
@@ -458,7 +457,7 @@ def test_duplicate_across_phases_names_both_origins(tmp_path: Path) -> None:
 
 
 def test_dependency_on_a_later_phase_behind_a_barrier_is_a_deadlock(tmp_path: Path) -> None:
-    phases = [{"name": "a", "experiments": [exp("first", depends_on="late")]},
+    phases: list[dict[str, Any]] = [{"name": "a", "experiments": [exp("first", depends_on="late")]},
               {"name": "b", "barrier": True, "experiments": [exp("late")]}]
     assert only_problem(tmp_path, manifest(phases=phases)) == (
         "first: depends_on: 'late' is in phase b, which waits at a barrier for phase a to end: deadlock")
@@ -495,8 +494,8 @@ def test_grid_is_counted_before_it_is_expanded(tmp_path: Path) -> None:
 
 
 def test_limit_is_total_over_all_experiments(tmp_path: Path) -> None:
-    half = {"grid": {"a": list(range(100)), "b": list(range(500))}}
-    text = manifest(exp("x-{a}-{b}", **half), exp("y-{a}-{b}", **half), exp("z"))
+    half = {"a": list(range(100)), "b": list(range(500))}
+    text = manifest(exp("x-{a}-{b}", grid=half), exp("y-{a}-{b}", grid=half), exp("z"))
     assert f"expands to {MAX_EXPERIMENTS + 1:,} experiments" in only_problem(tmp_path, text)
 
 

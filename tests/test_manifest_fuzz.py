@@ -50,7 +50,7 @@ BAD: dict[str, list[Any]] = {
     "util": [0, 1.5, -0.1, True, "0.5", None, float("nan")],
     "exclusive": ["yes", 1, None, "true"],
     "resumable": ["no", 0, None],
-    "depends_on": [{"a": 1}, 5, [1], [""], "nothing-matches", "solo-*-x", ["{nope}"], "solo"],
+    "depends_on": [{"a": 1}, 5, [1], [""], "nothing-matches", "solo-*-x", ["{nope}"]],
     "outputs": [5, [None], {"a": "b"}, ["{nope}"], [""]],
     "env": [["A=1"], "A=1", {"A": None}, {"A": [1]}, {"CUDA_VISIBLE_DEVICES": "0"}, {"": "x"}, {"A": "{nope}"}],
 }
@@ -118,18 +118,21 @@ def test_base_manifest_is_valid(path: Path) -> None:
 # --------------------------------------------------------------------------- known-bad changes
 
 
-def _experiment(data: dict[str, Any], where: tuple[int, int]) -> dict[str, Any]:
-    return data["phases"][where[0]]["experiments"][where[1]]
+def _parts(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The phases and experiments of a copy of BASE, taken before any change replaces them."""
+    phases = list(data["phases"])
+    return phases, [phases[p]["experiments"][e] for p, e in EXPERIMENTS]
 
 
 @st.composite
 def broken(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     """BASE with one to three changes, each of which alone makes it invalid."""
     data = copy.deepcopy(BASE)
+    phases, exps = _parts(data)
     kinds = draw(st.lists(st.sampled_from(
         ["field", "top", "unknown", "cycle", "self", "duplicate", "phase", "huge", "capacity"]), min_size=1, max_size=3))
     for kind in kinds:
-        exp = _experiment(data, draw(st.sampled_from(EXPERIMENTS)))
+        exp = draw(st.sampled_from(exps))
         if kind == "field":
             key = draw(st.sampled_from(sorted(BAD)))
             exp[key] = draw(st.sampled_from(BAD[key]))
@@ -138,19 +141,18 @@ def broken(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
             data[key] = draw(st.sampled_from(TOP_BAD[key]))
         elif kind == "unknown":
             level = draw(st.sampled_from(["top", "phase", "experiment"]))
-            key = draw(st.one_of(st.text(min_size=1, max_size=12), st.integers(), st.booleans()).filter(
+            unknown = draw(st.one_of(st.text(min_size=1, max_size=12), st.integers(), st.booleans()).filter(
                 lambda k: k not in VALID_KEYS[level]))
-            target = {"top": data, "phase": data["phases"][0], "experiment": exp}[level]
-            target[key] = draw(values)
+            target: dict[Any, Any] = {"top": data, "phase": phases[0], "experiment": exp}[level]
+            target[unknown] = draw(values)
         elif kind == "cycle":
-            _experiment(data, (0, 1))["depends_on"] = "t-a-s1"
-            _experiment(data, (0, 0))["depends_on"] = ["solo"]
+            exps[1]["depends_on"], exps[0]["depends_on"] = "t-a-s1", ["solo"]
         elif kind == "self":
-            exp["depends_on"] = draw(st.sampled_from([exp["name"], "solo"])) if exp["name"] == "solo" else exp["name"]
+            exp["depends_on"] = exp["name"]  # a template: each expansion names itself
         elif kind == "duplicate":
-            data["phases"][1]["experiments"].append({"name": draw(st.sampled_from(["solo", "t-b-s2", "e-s1"])), "cmd": "x"})
+            phases[1]["experiments"].append({"name": draw(st.sampled_from(["solo", "t-b-s2", "e-s1"])), "cmd": "x"})
         elif kind == "phase":
-            data["phases"][1]["name"] = "train"
+            phases[1]["name"] = "train"
         elif kind == "huge":
             # At least 47^3 = 103,823 expansions: refused from the counts, never expanded.
             sizes = draw(st.lists(st.integers(47, 60), min_size=3, max_size=4))
@@ -160,16 +162,14 @@ def broken(draw: st.DrawFn) -> tuple[dict[str, Any], str]:
     return data, ",".join(kinds)
 
 
-@FUZZ
-@settings(max_examples=120)
+@settings(FUZZ, max_examples=120)
 @given(case=broken())
 def test_broken_manifests_are_refused_naming_the_file(path: Path, case: tuple[dict[str, Any], str]) -> None:
     data, _kinds = case
     refused(path, data)
 
 
-@FUZZ
-@settings(max_examples=20)
+@settings(FUZZ, max_examples=20)
 @given(top=st.one_of(scalars, st.lists(values, max_size=3)))
 def test_top_level_that_is_not_a_mapping(path: Path, top: object) -> None:
     error = refused(path, top)
@@ -179,22 +179,20 @@ def test_top_level_that_is_not_a_mapping(path: Path, top: object) -> None:
 # --------------------------------------------------------------------------- anything at all
 
 
-@FUZZ
-@settings(max_examples=60)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_random_values_in_any_field(path: Path, data: st.DataObject) -> None:
     doc = copy.deepcopy(BASE)
+    phases, exps = _parts(doc)
     for _ in range(data.draw(st.integers(1, 3))):
         level = data.draw(st.sampled_from(["top", "phase", "experiment"]))
-        target = {"top": doc, "phase": doc["phases"][data.draw(st.integers(0, 1))],
-                  "experiment": _experiment(doc, data.draw(st.sampled_from(EXPERIMENTS)))}[level]
+        target = data.draw(st.sampled_from({"top": [doc], "phase": phases, "experiment": exps}[level]))
         key = data.draw(st.one_of(st.sampled_from(sorted(VALID_KEYS[level])), st.text(max_size=8)))
         target[key] = data.draw(values)
     outcome(path, dump(doc), gpu_capacity_bytes=data.draw(st.none() | st.integers(0, 10**12)))
 
 
-@FUZZ
-@settings(max_examples=40)
+@settings(FUZZ, max_examples=40)
 @given(doc=values)
 def test_random_yaml_documents(path: Path, doc: object) -> None:
     outcome(path, dump(doc))
@@ -203,8 +201,7 @@ def test_random_yaml_documents(path: Path, doc: object) -> None:
 YAML_BITS = list(":-[]{}#&*!|>'\"%@`,?~ \n\t") + ["\n  ", "name: ", "phases:", "- ", "{seed}", "<<: ", "!!int ", "\\u"]
 
 
-@FUZZ
-@settings(max_examples=60)
+@settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_random_text_and_damaged_yaml(path: Path, data: st.DataObject) -> None:
     text = dump(BASE)

@@ -72,7 +72,7 @@ def make_run(run_dir: Path) -> Path:
     _attempt(store, "bridge-trec-s1", 1, 700, 1300)
     _attempt(store, "lat-b8", 0, 1200, 1250, code=1)
     _attempt(store, "probe-l1", 1, 1300, None)
-    busy = {0: [(0, 1250)], 1: [(0, 1500)]}
+    busy = {0: [(0, 1250)], 1: [(0, 1501)]}
     for k in range(26):
         t = k * 60
         store.add_gpu_samples(T0 + t, [

@@ -5,6 +5,7 @@ when GPUPACK_REQUIRE_SLURM=1."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -87,8 +88,10 @@ def test_end_time_of_a_real_job_and_a_changed_limit(jobs: Jobs, tmp_path: Path) 
     assert left is not None and 540 <= left <= 600
 
     nolimit = jobs.sbatch("--time=UNLIMITED", "-o", str(tmp_path / "job2.log"), "--wrap", "exec sleep 600")
-    jobs.wait_state(nolimit, {"RUNNING", "PENDING"}, 30)
-    assert slurm.end_time(job, time.time()) != slurm.end_time(nolimit, time.time())
+    jobs.wait_state(nolimit, {"RUNNING"}, 30)
+    assert slurm.end_time(nolimit, time.time()) == math.inf  # squeue: UNLIMITED
+    assert slurm.end_time(nolimit, time.time(), run=no_squeue) == math.inf  # scontrol: EndTime=Unknown
+    assert slurm.AllocationClock(nolimit).time_left_s(time.time()) is None
 
 
 # Records what each run of the job saw, then waits to be stopped (requeue sends it SIGTERM).

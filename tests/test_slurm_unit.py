@@ -16,7 +16,7 @@ from gpupack.slurm import Allocation, AllocationClock, StepThrottle, srun_argv
 INNER = ["bash", "-c", "python train.py --out /runs/x"]
 COMMON = [
     "srun", "--exact", "-N1", "-n1", "--nodelist=gpu07", "--job-name=bridge-s42",
-    "--cpus-per-task=4", "--kill-on-bad-exit=1", "--export=ALL",
+    "--cpus-per-task=4", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL",
 ]
 
 

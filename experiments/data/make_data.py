@@ -11,7 +11,8 @@ that is not a pure bag of words:
 - agnews  4 topics from topic words, with a distractor word of another topic in a third of
           the headlines, 3% label noise.
 - trec    6 question types (TREC coarse classes), decided by the question's form; "what"
-          starts questions of five of them.
+          starts questions of every type and "what is the name of the" four of them; 5%
+          label noise.
 - xsum    a 3-5 sentence news document and a one-sentence summary that is not a sentence of
           the document (a past participle where the document has a past tense), as in XSUM.
 
@@ -117,10 +118,12 @@ TREC_FORMS: list[list[Callable[[random.Random], str]]] = [
     [  # abbreviation
         lambda r: f"what does {r.choice(ACRONYMS)} stand for ?",
         lambda r: f"what is the full form of {r.choice(ACRONYMS)} ?",
+        lambda r: f"what is {r.choice(ACRONYMS)} short for ?",
     ],
     [  # entity
         lambda r: f"what {r.choice(ANIMALS)} is found in {r.choice(PLACES)} ?",
         lambda r: f"what kind of {r.choice(ANIMALS)} is named after {r.choice(THINGS)} ?",
+        lambda r: f"what is the name of the {r.choice(ANIMALS)} found in {r.choice(PLACES)} ?",
     ],
     [  # description
         lambda r: f"why does {r.choice(CONCEPTS)} happen ?",
@@ -130,22 +133,28 @@ TREC_FORMS: list[list[Callable[[random.Random], str]]] = [
     [  # person
         lambda r: f"who invented {r.choice(THINGS)} ?",
         lambda r: f"what person first visited {r.choice(PLACES)} ?",
+        lambda r: f"what is the name of the man who invented {r.choice(THINGS)} ?",
     ],
     [  # location
         lambda r: f"where is {r.choice(PLACES)} ?",
         lambda r: f"what country is {r.choice(PLACES)} in ?",
+        lambda r: f"what is the name of the city near {r.choice(PLACES)} ?",
     ],
     [  # number
         lambda r: f"how many people visit {r.choice(PLACES)} ?",
         lambda r: f"what year was {r.choice(THINGS)} invented ?",
         lambda r: f"when did {r.choice(ACRONYMS)} start ?",
+        lambda r: f"what is the age of {r.choice(PLACES)} ?",
     ],
 ]
 
 
 def _trec(rng: random.Random) -> tuple[str, int]:
     label = rng.randrange(6)
-    return rng.choice(TREC_FORMS[label])(rng), label
+    text = rng.choice(TREC_FORMS[label])(rng)
+    if rng.random() < 0.05:
+        label = rng.randrange(6)
+    return text, label
 
 
 # --- xsum -------------------------------------------------------------------------------

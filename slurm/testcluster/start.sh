@@ -15,21 +15,21 @@
 #   GPUPACK_SLURM_KILLWAIT [5]    seconds between SIGTERM and SIGKILL (cancel, time limit)
 #   GPUPACK_SLURM_CTLD_PORT [6817]  GPUPACK_SLURM_SLURMD_PORT [6818]
 #   GPUPACK_SLURM_START_TIMEOUT [30]  seconds to wait for the node to become usable
+#   GPUPACK_SLURM_SELECT [CR_Core]  SelectTypeParameters (CR_Core_Memory: memory is consumable)
+#   GPUPACK_SLURM_CONF_EXTRA []     more slurm.conf lines (e.g. "DefMemPerCPU=1000")
 set -euo pipefail
 
-DIR=${GPUPACK_SLURM_DIR:-/tmp/gpupack-slurm-test}
+source "$(dirname "$0")/common.sh"
 CPUS=${GPUPACK_SLURM_CPUS:-16}
 GPUS=${GPUPACK_SLURM_GPUS:-4}
 KILLWAIT=${GPUPACK_SLURM_KILLWAIT:-5}
 CTLD_PORT=${GPUPACK_SLURM_CTLD_PORT:-6817}
 SLURMD_PORT=${GPUPACK_SLURM_SLURMD_PORT:-6818}
 TIMEOUT=${GPUPACK_SLURM_START_TIMEOUT:-30}
+SELECT=${GPUPACK_SLURM_SELECT:-CR_Core}
+EXTRA=${GPUPACK_SLURM_CONF_EXTRA:-}
 NODE=$(hostname -s)
-CONF=$DIR/etc/slurm.conf
-export SLURM_CONF=$CONF
 
-say() { echo "start.sh: $*" >&2; }
-cannot() { say "cannot run here: $*"; exit 77; }
 fail() {
     say "FAILED: $*"
     for f in "$DIR"/log/slurmctld.log "$DIR"/log/slurmd.log; do
@@ -37,13 +37,10 @@ fail() {
     done
     exit 1
 }
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
 # Node states in which jobs can start (sinfo %T, lower case; a trailing * = not responding).
 node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
 usable() { case $(node_state) in idle|mixed|allocated|completing) return 0;; *) return 1;; esac; }
 
-export PATH=$PATH:/usr/sbin:/sbin
 need_pkgs=()
 for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need_pkgs+=("${pair##*:}")
@@ -82,8 +79,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
-# Cores only: memory is not consumable, so nothing blocks on memory.
-SelectTypeParameters=CR_Core
+# CR_Core: memory is not consumable, so nothing blocks on memory.
+SelectTypeParameters=$SELECT
 # sbatch -> running in ~1 s, requeued jobs picked up within 5 s.
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0,sched_interval=5,bf_interval=5
@@ -98,6 +95,7 @@ JobCompLoc=$DIR/log/jobcomp.txt
 KillWait=$KILLWAIT
 MinJobAge=300
 MailProg=/bin/true
+$EXTRA
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=${mem_mb:-1000} $gres_node State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 CONF
@@ -134,9 +132,7 @@ if [[ ${#need_pkgs[@]} -gt 0 ]]; then
     [[ -n $made_policy ]] && rm -f /usr/sbin/policy-rc.d
 fi
 
-mkdir -p "$DIR"
-exec 9>"$DIR/.lock"
-flock -w 60 9 || fail "another start.sh/stop.sh holds $DIR/.lock"
+lock
 
 # --- munge: reuse a running munged (system or ours), else start one without systemd.
 if [[ ! -s /etc/munge/munge.key ]]; then
@@ -145,20 +141,10 @@ if [[ ! -s /etc/munge/munge.key ]]; then
 fi
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     install -d -o munge -g munge -m 0755 /run/munge
-    runuser -u munge -- munged
+    runuser -u munge -- munged 9>&-
     touch "$DIR/.munged-ours"
     munge -n | unmunge >/dev/null || fail "munged started but munge -n | unmunge fails"
 fi
-
-stop_daemon() {  # pidfile: SIGTERM, then wait (slurmctld takes ~2 s)
-    local pidf=$1 pid
-    alive "$pidf" || return 0
-    pid=$(cat "$pidf")
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
-    say "pid $pid ignores SIGTERM; SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
-}
 
 running=""
 alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" && running=1
@@ -177,8 +163,8 @@ else
     render_slurm_conf >"$CONF"
     render_gres_conf >"$DIR/etc/gres.conf"   # slurmd reads it from slurm.conf's directory
     # -c: forget saved job and node state, so a node DRAINed by an earlier bad start comes back.
-    slurmctld -c -f "$CONF" || fail "slurmctld did not start"
-    slurmd -f "$CONF" -N "$NODE" || fail "slurmd did not start"
+    slurmctld -c -f "$CONF" 9>&- || fail "slurmctld did not start"
+    slurmd -f "$CONF" -N "$NODE" 9>&- || fail "slurmd did not start"
     say "started slurmctld and slurmd ($DIR)"
 fi
 

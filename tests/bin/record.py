@@ -15,6 +15,7 @@ parser.add_argument("seconds", type=float)
 parser.add_argument("--fail-attempts", type=int, default=0, help="exit 1 on the first N attempts")
 parser.add_argument("--ignore-preempt", action="store_true", help="ignore USR2 and TERM")
 parser.add_argument("--child", action="store_true", help="leave a sleeping grandchild behind")
+parser.add_argument("--resumed-seconds", type=float, help="sleep this long instead when resuming")
 parser.add_argument("--oom", action="store_true", help="print torch's OOM message and exit 1")
 args = parser.parse_args()
 
@@ -40,7 +41,10 @@ with open(os.path.join(out, f"started-{attempt}"), "w") as f:
     json.dump(record, f)
 print(f"started attempt {attempt} cvd={record['cvd']} resume={record['resume']}", flush=True)
 
-deadline = time.time() + args.seconds
+seconds = args.seconds
+if record["resume"] == "1" and args.resumed_seconds is not None:
+    seconds = args.resumed_seconds
+deadline = time.time() + seconds
 while time.time() < deadline and not preempted:
     time.sleep(0.02)
 record["end"] = time.time()
