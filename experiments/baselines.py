@@ -59,7 +59,10 @@ def lora(args: Any, run: common.Run, task: common.Task, tok: Any) -> dict[str, A
     from peft import LoraConfig, TaskType, get_peft_model
 
     base = models.load_classifier(args.model, len(tok), len(task.labels), tok.pad_token_id, common.DTYPES[args.dtype])
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0)
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
+        fan_in_fan_out=base.config.model_type == "gpt2",  # GPT-2 stores its weights transposed (Conv1D)
+    )
     model = get_peft_model(base, config).to(run.device)
 
     train_x = common.encode(tok, task.train["text"], args.max_len, run.device)

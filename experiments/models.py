@@ -61,9 +61,11 @@ def _config(family: str, s: Size, vocab_size: int, **extra: Any) -> Any:
             max_position_embeddings=MAX_POSITIONS, **extra,
         )
     if family == "gpt2":
+        # GPT-2's own bos/eos ids (50256) lie outside a word vocabulary.
+        ids = {"bos_token_id": None, "eos_token_id": None} | extra
         return tf.GPT2Config(
             vocab_size=vocab_size, n_embd=s.hidden, n_layer=s.layers, n_head=s.heads,
-            n_positions=MAX_POSITIONS, **extra,
+            n_positions=MAX_POSITIONS, **ids,
         )
     return tf.T5Config(
         vocab_size=vocab_size, d_model=s.hidden, d_kv=s.hidden // s.heads, d_ff=4 * s.hidden,

@@ -87,10 +87,11 @@ def train(
     optimizer = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
     ckpt_path = out / CHECKPOINT
     digest = config_digest(config)
+    main = accelerator is None or accelerator.is_main_process
+    say = log if main else (lambda _: None)  # one copy of each line, not one per rank
     start, history = 0, []
     if spec.resume:
-        start, history = _restore(ckpt_path, digest, params, optimizer)
-    main = accelerator is None or accelerator.is_main_process
+        start, history = _restore(ckpt_path, digest, params, optimizer, say)
     wrapped = model
     if accelerator is not None:
         wrapped, optimizer = accelerator.prepare(model, optimizer)
@@ -109,7 +110,7 @@ def train(
     for step in range(start, spec.steps):
         if _should_stop(stop, accelerator):
             save(step)
-            log(f"preempted at step {step}: checkpoint saved to {ckpt_path}")
+            say(f"preempted at step {step}: checkpoint saved to {ckpt_path}")
             sig = job.preempt_signal()
             raise SystemExit(128 + (sig or 15))
         for group in optimizer.param_groups:
@@ -126,7 +127,7 @@ def train(
         done = step + 1
         if done % spec.log_every == 0 or done == spec.steps:
             history.append([done, sum(window) / len(window)])
-            log(f"step {done}/{spec.steps} loss {history[-1][1]:.4f}")
+            say(f"step {done}/{spec.steps} loss {history[-1][1]:.4f}")
             window.clear()
         if done % spec.ckpt_every == 0 and done < spec.steps:
             save(done)
@@ -157,13 +158,15 @@ def _state(step: int, params: Mapping[str, nn.Parameter], optimizer: Any, histor
     }
 
 
-def _restore(path: Path, digest: str, params: Mapping[str, nn.Parameter], optimizer: Any) -> tuple[int, list]:
+def _restore(
+    path: Path, digest: str, params: Mapping[str, nn.Parameter], optimizer: Any, say: Callable[[str], None]
+) -> tuple[int, list]:
     state = job.load_checkpoint(path)
     if state is None:
-        log(f"no checkpoint at {path}: starting from step 0")
+        say(f"no checkpoint at {path}: starting from step 0")
         return 0, []
     if state.get("config_digest") != digest or set(state["params"]) != set(params):
-        log(f"checkpoint at {path} is from another config: ignoring it, starting from step 0")
+        say(f"checkpoint at {path} is from another config: ignoring it, starting from step 0")
         return 0, []
     with torch.no_grad():
         for name, value in state["params"].items():
@@ -173,5 +176,5 @@ def _restore(path: Path, digest: str, params: Mapping[str, nn.Parameter], optimi
     cuda_rng = state["rng"].get("cuda")
     if cuda_rng and torch.cuda.is_available() and len(cuda_rng) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_rng)
-    log(f"resumed from step {state['step']}")
+    say(f"resumed from step {state['step']}")
     return int(state["step"]), [list(h) for h in state["history"]]

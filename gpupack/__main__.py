@@ -1,5 +1,16 @@
+"""`python -m gpupack` and the `gpupack` console script."""
+
 import sys
 
-from .cli import main
+from . import early
 
-sys.exit(main())
+
+def entry() -> None:
+    early.catch_stop_signals()  # before the heavy imports: a USR1/TERM during start-up is not fatal
+    from .cli import main
+
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -11,11 +11,15 @@ Job log (live=False): rich Live off a terminal writes only its last frame (rich 
 nothing here moves the cursor or colours: each event is one line, flushed at once, and every
 `log_every_s` a snapshot table in plain ASCII, readable in `less` and `tail -f`:
 
-    2026-11-22 14:03:12 start     bridge-sst2-s42 started on gpu0 (attempt 1)
-    === demo 2026-11-22 14:04:00 | job 4242 | elapsed 25m00s | left 1h35m | ETA ~41m ===
-    phase    progress       done  running  failed  pending
-    seeds    [#########.]    5/6        0       0        1
-    ...
+    2026-11-22 09:12:09 finish    probe-l1 succeeded in 3s on gpu1
+    === 2026-11-22 09:12:09 | vis | job 4242 | elapsed 3s | left 1h35m | ETA ~7s ===
+    phase   | progress             | done | running | failed | pending
+    --------+----------------------+------+---------+--------+--------
+    seeds   | #######............. |  2/6 |       4 |      0 |       0
+    GPU  | util (3s ago)   | memory used            | occupants (peak/budget)
+    -----+-----------------+------------------------+---------------------------
+    gpu0 |  97% #########. | ######.... 48.1/80.0 GB | bridge-sst2-s3 (21.2 GB/30.0 GB)
+         |                 |                         | probe-l3 (-/10.0 GB)
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,8 @@ from rich.text import Text
 
 from .report import GpuKey, gpu_key, gpu_label
 from .store import (
-    A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, EventRow, Store,
+    A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
+    ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
 
@@ -91,7 +97,9 @@ class View:
     now: float
     job_id: str
     started_at: float | None  # this run (allocation) of the run directory
+    ended_at: float | None  # None while it goes on
     alloc_end: float | None  # None: no known limit
+    sampled_at: float | None  # time of the GPU readings shown (the engine samples every few seconds)
     eta_s: float | None
     unestimated: int  # remaining experiments with no time estimate, left out of the ETA
     phases: tuple[PhaseView, ...]
@@ -104,15 +112,17 @@ def build_view(store: Store, now: float) -> View:
     runs = store.runs()
     experiments = [e for e in store.experiments() if e.in_manifest]
     running = store.attempts(states=[A_LAUNCHING, A_RUNNING])
-    inventory: dict[GpuKey, str] = {}
+    inventory: dict[GpuKey, int | None] = {}  # GPU -> total bytes
     try:
         for g in json.loads(meta.get("gpus") or "[]"):
-            inventory[(str(g["node"]), int(g["index"]))] = str(g.get("name", ""))
+            inventory[(str(g["node"]), int(g["index"]))] = g.get("total_bytes")
     except (ValueError, TypeError, KeyError):
         pass  # without the inventory the GPUs come from the samples alone
-    latest: dict[GpuKey, tuple[float | None, int | None, int]] = {}
-    for _t, node, index, util, used, total in store.gpu_samples():
+    latest: dict[GpuKey, tuple[float | None, int | None, int | None]] = {k: (None, None, t) for k, t in inventory.items()}
+    sampled_at = None
+    for t, node, index, util, used, total in store.gpu_samples():
         latest[(node, index)] = (util, used, total)  # rows come in time order: the last one wins
+        sampled_at = t
     keys = list(inventory) + [k for k in sorted(latest) if k not in inventory]
     occupants: dict[GpuKey, list[Occupant]] = defaultdict(list)
     for a in running:
@@ -120,7 +130,7 @@ def build_view(store: Store, now: float) -> View:
             occupants[gpu_key(inventory or latest, a.node, index)].append(Occupant(a.experiment, a.budget_bytes, a.peak_bytes))
     single = len({k[0] for k in keys}) <= 1
     gpus = tuple(
-        GpuView(gpu_label(k, single), *latest.get(k, (None, None, None)), tuple(occupants.get(k, ())))
+        GpuView(gpu_label(k, single), *latest[k], tuple(occupants.get(k, ())))
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
@@ -131,15 +141,21 @@ def build_view(store: Store, now: float) -> View:
     alloc_end = meta.get("alloc_end") or ""
     return View(
         run=meta.get("run_name", ""), now=now, job_id=meta.get("job_id", ""),
-        started_at=float(runs[-1]["started_at"]) if runs else None,  # type: ignore[arg-type]
-        alloc_end=float(alloc_end) if alloc_end else None, eta_s=eta, unestimated=unknown,
+        started_at=_seconds(runs[-1]["started_at"]) if runs else None,
+        ended_at=_seconds(runs[-1]["ended_at"]) if runs else None,
+        alloc_end=float(alloc_end) if alloc_end else None, sampled_at=sampled_at, eta_s=eta, unestimated=unknown,
         phases=tuple(PhaseView(p, dict(c)) for p, c in phases.items()), gpus=gpus,
         events=tuple(store.events(limit=RECENT_EVENTS)),
     )
 
 
+def _seconds(value: object) -> float | None:
+    return None if value is None else float(str(value))
+
+
 def estimate_eta(
-    store: Store, experiments: list[Any], running: list[Any], n_gpus: int, capacity_bytes: int | None, now: float
+    store: Store, experiments: Sequence[ExperimentRow], running: Sequence[AttemptRow], n_gpus: int,
+    capacity_bytes: int | None, now: float,
 ) -> tuple[float | None, int]:
     """(seconds until everything left is done, how many left have no estimate).
 
@@ -158,20 +174,22 @@ def estimate_eta(
     for e in experiments:
         if e.state not in (PENDING, RUNNING, INTERRUPTED):
             continue
-        spec = e.spec
-        time_s = spec.get("time_s") or (sum(learned[e.template]) / len(learned[e.template]) if learned[e.template] else None)
+        spec: Mapping[str, Any] = e.spec
+        siblings = learned[e.template]
+        time_s = spec.get("time_s") or (sum(siblings) / len(siblings) if siblings else None)
         if time_s is None:
             unknown += 1
             continue
         left = max(0.0, time_s - (now - started[e.name])) if e.name in started else float(time_s)
-        gpus, mem = int(spec.get("gpus", 1) or 0), spec.get("mem_bytes")
-        share = 1.0 if spec.get("exclusive") or not mem or not capacity_bytes else max(float(spec.get("util", 1.0)), mem / capacity_bytes)
-        work += left * gpus * min(share, 1.0)
+        mem = spec.get("mem_bytes")
+        share = 1.0
+        if mem and capacity_bytes and not spec.get("exclusive"):
+            share = min(1.0, max(float(spec.get("util", 1.0)), mem / capacity_bytes))
+        work += left * int(spec.get("gpus", 1)) * share
         longest = max(longest, left)
     if work == 0 and longest == 0:
         return (None if unknown else 0.0), unknown
     return max(work / max(n_gpus, 1), longest), unknown
-
 
 
 # --- rendering: one set of builders, two skins (live: colour and block bars; plain: ASCII) -----
@@ -179,7 +197,7 @@ def estimate_eta(
 
 def _bar(fraction: float | None, width: int, plain: bool) -> str:
     if fraction is None:
-        return ("?" if plain else "·") * width
+        return " " * width
     filled = round(max(0.0, min(1.0, fraction)) * width)
     return "#" * filled + "." * (width - filled) if plain else "█" * filled + "░" * (width - filled)
 
@@ -188,6 +206,9 @@ def _header(view: View) -> str:
     parts = [view.run or "gpupack"]
     if view.job_id:
         parts.append(f"job {view.job_id}")
+    if view.ended_at is not None and view.started_at is not None:
+        parts.append(f"ended after {format_duration(view.ended_at - view.started_at)}")
+        return " | ".join(parts)
     if view.started_at is not None:
         parts.append(f"elapsed {format_duration(view.now - view.started_at)}")
     parts.append(f"left {format_duration(view.alloc_end - view.now)}" if view.alloc_end is not None else "no time limit")
@@ -199,10 +220,11 @@ def _header(view: View) -> str:
 
 
 def _phase_table(view: View, plain: bool) -> Table:
-    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=not plain)
-    for name, justify in (("phase", "left"), ("progress", "left"), ("done", "right"), ("running", "right"),
-                          ("failed", "right"), ("pending", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("phase")
+    table.add_column("progress")
+    for count in ("done", "running", "failed", "pending"):
+        table.add_column(count, justify="right")
     for p in view.phases:
         fraction = p.done / p.total if p.total else 0.0
         failed = p.counts.get(FAILED, 0)
@@ -231,18 +253,19 @@ def _memory(used: int | None, total: int | None) -> str:
 
 
 def _gpu_table(view: View, plain: bool) -> Table:
-    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=not plain)
+    table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("GPU")
-    table.add_column("util", no_wrap=True)
+    age = f" ({format_duration(view.now - view.sampled_at)} ago)" if view.sampled_at is not None else ""
+    table.add_column(f"util{age}", no_wrap=True)
     table.add_column("memory used", no_wrap=True)
-    table.add_column("occupants (peak/budget)", overflow="fold")
+    table.add_column("occupants (peak/budget)", no_wrap=True)
     for g in view.gpus:
         used = g.used_bytes / g.total_bytes if g.used_bytes is not None and g.total_bytes else None
         util = Text("  ?" if g.util_pct is None else f"{g.util_pct:>3.0f}%")
         util.append(" " + _bar(None if g.util_pct is None else g.util_pct / 100, 10, plain), style="" if plain else "cyan")
         memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
         memory.append(_memory(g.used_bytes, g.total_bytes))
-        table.add_row(g.label, util, memory, ", ".join(_occupant(o) for o in g.occupants) or "-")
+        table.add_row(g.label, util, memory, "\n".join(_occupant(o) for o in g.occupants) or "-")
     return table
 
 
@@ -258,7 +281,7 @@ def live_renderable(view: View) -> RenderableType:
         events.append(f"{e.kind:<9} ", style=_EVENT_STYLE.get(e.kind, ""))
         events.append(e.message + "\n")
     body = Group(
-        Text(_header(view), style="bold"), _phase_table(view, plain=False), _gpu_table(view, plain=False),
+        Text(_header(view), style="bold"), "", _phase_table(view, plain=False), "", _gpu_table(view, plain=False), "",
         Text("recent events", style="bold"), events if view.events else Text("none yet", style="dim"),
     )
     return Panel(body, title="gpupack", title_align="left", border_style="blue")
@@ -293,8 +316,9 @@ class Dashboard:
         now = time.time() if now is None else now
         # Show this run's events, not the whole history of the run directory's earlier runs.
         runs = self.store.runs()
-        since = float(runs[-1]["started_at"]) if runs else float("-inf")  # type: ignore[arg-type]
-        self._last_event_id = max((e.id for e in self.store.events() if e.t < since), default=0)
+        since = _seconds(runs[-1]["started_at"]) if runs else None
+        if since is not None:
+            self._last_event_id = max((e.id for e in self.store.events() if e.t < since), default=0)
         if self.live:
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
             self._live.start()
@@ -332,18 +356,33 @@ def status_table(data: dict[str, Any], now: float | None = None) -> RenderableTy
     """`gpupack status`: status_data as one table and a line of counts."""
     now = time.time() if now is None else now
     nodes = {e["node"] for e in data["experiments"] if e["node"]}
-    table = Table(title=f"{data['run']}: {len(data['experiments'])} experiments", title_justify="left", box=box.SIMPLE_HEAD)
-    for column in ("experiment", "phase", "state", "attempts", "GPUs", "started", "duration", "exit", "reason"):
-        table.add_column(column, justify="right" if column in ("attempts", "duration", "exit") else "left")
+    table = Table(
+        title=f"{data['run']}: {len(data['experiments'])} experiments", title_justify="left", box=box.SIMPLE_HEAD,
+        collapse_padding=True, pad_edge=False,
+    )
+    # Names, states and times are what a reader scans for: they never shrink; the reason wraps.
+    widest = max((len(e["name"]) for e in data["experiments"]), default=10)
+    table.add_column("experiment", no_wrap=True, min_width=widest)
+    table.add_column("phase", no_wrap=True)
+    table.add_column("state", no_wrap=True, min_width=len(INTERRUPTED))
+    table.add_column("tries", justify="right", no_wrap=True, min_width=5)
+    table.add_column("GPUs", no_wrap=True)
+    table.add_column("started", no_wrap=True, min_width=8)
+    table.add_column("took", justify="right", no_wrap=True, min_width=6)
+    table.add_column("exit", justify="right", no_wrap=True, min_width=4)
+    table.add_column("reason", overflow="fold", min_width=10)
+    today = time.localtime(now)[:3]
     for e in data["experiments"]:
         gpus = ",".join(f"gpu{g}" for g in e["gpus"])
         if len(nodes) > 1 and e["node"]:
             gpus = f"{e['node']}:{gpus}"
         start, end = e["started_at"], e["ended_at"]
-        duration = "" if start is None else format_duration((end if end is not None else now) - start)
+        started = ""
+        if start is not None:
+            started = time.strftime("%H:%M:%S" if time.localtime(start)[:3] == today else "%m-%d %H:%M", time.localtime(start))
         table.add_row(
             e["name"], e["phase"], Text(e["state"], style=_STATE_STYLE.get(e["state"], "")), str(e["attempts"]), gpus,
-            "" if start is None else time.strftime("%m-%d %H:%M:%S", time.localtime(start)), duration,
+            started, "" if start is None else format_duration((end if end is not None else now) - start),
             "" if e["exit_code"] is None else str(e["exit_code"]), e.get("reason") or "",
         )
     counts = Counter(e["state"] for e in data["experiments"])
@@ -361,7 +400,7 @@ def _run_over(store: Store) -> str | None:
         return f"run ended (exit code {last['exit_code']})"
     if last["host"] == socket.gethostname():
         try:
-            os.kill(int(last["pid"]), 0)  # type: ignore[arg-type]
+            os.kill(int(str(last["pid"])), 0)
         except ProcessLookupError:
             return f"the scheduler (pid {last['pid']}) is gone without recording an end"
         except PermissionError:

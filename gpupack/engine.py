@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import policy, recovery
+from . import early, policy, recovery
 from .gpus import GpuInfo, GpuProbe, Reading
 from .launch import Handle, LaunchSpec, Launcher, experiment_env
 from .manifest import Experiment, Manifest
@@ -181,6 +181,9 @@ class Engine:
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             previous[sig] = signal.signal(sig, self._on_signal)
         previous[-1] = signal.set_wakeup_fd(self._wake_w)
+        for signum in early.received:  # arrived during start-up
+            self._on_signal(signum, None)
+        early.received.clear()
         return previous
 
     @staticmethod

@@ -149,12 +149,13 @@ def _windows(store: Store, attempts: list[AttemptRow], samples: list[tuple[Any, 
         return [Window(activity[0], activity[-1], None)] if activity else []
     windows = []
     for i, run in enumerate(runs):
-        start = float(run["started_at"])  # type: ignore[arg-type]
-        end = run["ended_at"]
-        if end is None:
-            limit = float(runs[i + 1]["started_at"]) if i + 1 < len(runs) else float("inf")  # type: ignore[arg-type]
+        start = float(str(run["started_at"]))
+        if run["ended_at"] is not None:
+            end = float(str(run["ended_at"]))
+        else:
+            limit = float(str(runs[i + 1]["started_at"])) if i + 1 < len(runs) else float("inf")
             end = max([t for t in activity if start <= t < limit], default=start)
-        windows.append(Window(start, float(end), _run_gpus(run["gpus"])))  # type: ignore[arg-type]
+        windows.append(Window(start, end, _run_gpus(run["gpus"])))
     return windows
 
 
@@ -209,7 +210,7 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
 
 
 def _experiment(e: ExperimentRow, attempts: list[AttemptRow], facts: RunFacts) -> dict[str, Any]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for a in attempts:
         end = facts.attempt_end(a)
         rows.append(
@@ -252,7 +253,7 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
         return None
     t0 = facts.windows[0].start if facts.windows else 0.0
     span = max((facts.windows[-1].end - t0) if facts.windows else 0.0, 1.0)
-    unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0)
+    unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
     keys = list(facts.gpus)
     phases = list(dict.fromkeys(e.phase for e in facts.experiments))
     colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(phases)}
@@ -304,7 +305,8 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
     for key in keys:
         if series[key]:
             xs, ys = zip(*series[key])
-            curve.plot(xs, ys, linewidth=0.9, label=gpu_label(key, facts.single_node))
+            # a reading holds until the next one: steps, not lines that invent values in between
+            curve.plot(xs, ys, linewidth=0.9, drawstyle="steps-post", label=gpu_label(key, facts.single_node))
     curve.axhline(TARGET_BUSY_FRACTION * 100, color="0.4", linestyle="--", linewidth=0.8, label=f"{TARGET_BUSY_FRACTION:.0%} target")
     curve.set_ylim(0, 105)
     curve.set_ylabel("utilization %")

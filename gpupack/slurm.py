@@ -379,13 +379,13 @@ def srun_argv(
     """The `srun` command that runs `inner_argv` as one job step on `node` with exactly the GPUs
     `gpu_indices` (values for CUDA_VISIBLE_DEVICES, see Allocation.gpu_ids) and `cpus` cores.
 
-    --exact gives the step its own cores (without it a step takes all of the job's CPUs and
-    steps serialize); --mem=0 because where memory is consumable and the job set --mem, a step
-    without --mem holds all of the job's memory and steps serialize (22.05, observed);
-    --export=ALL because a job submitted with --export=NONE hands
-    SLURM_EXPORT_ENV=NONE to srun, which would drop gpupack's variables. In "overlap" mode
-    `node_gpus` is the number of GPUs the job holds on `node` (None: Slurm's default, all).
-    `env` sets CUDA_VISIBLE_DEVICES inside the step: slurmstepd strips one passed in."""
+    --exact: the step gets its own cores (without it, it takes all of the job's CPUs and steps
+    serialize). --mem=0: where memory is consumable and the job set --mem, a step without --mem
+    holds all of the job's memory and steps serialize (observed on 22.05). --export=ALL: a job
+    submitted with --export=NONE hands SLURM_EXPORT_ENV=NONE to srun, which would drop
+    gpupack's variables. `env` sets CUDA_VISIBLE_DEVICES inside the step, since slurmstepd
+    strips one passed in. In "overlap" mode `node_gpus` is the number of GPUs the job holds on
+    `node` (None: no --gres, Slurm's default for a step, all of them)."""
     if mode not in GPU_MODES:
         raise ValueError(f"unknown GPU mode {mode!r}: expected one of {', '.join(GPU_MODES)}")
     if cpus < 1:
@@ -441,7 +441,7 @@ def detect_gpu_mode(override: str | None = None, *, run: Runner = run_command) -
 # --- step-creation backpressure ---------------------------------------------------------------
 
 _WAITING = re.compile(r"step creation (temporarily|still) disabled|Requested nodes are busy")
-_CREATED = re.compile(r"Step created for job|step creation .*(resumed|enabled)", re.IGNORECASE)
+_CREATED = re.compile(r"Step created for job")
 
 
 def step_waiting(line: str) -> bool:

@@ -7,13 +7,14 @@ Everything waits by polling squeue, scontrol or files with a deadline, never by 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -139,3 +140,27 @@ def python_script(path: Path, body: str) -> Path:
     path.write_text(f"#!{sys.executable}\n{body}")
     path.chmod(0o755)
     return path
+
+
+RECORD = f"python3 {ROOT}/tests/bin/record.py"  # the engine tests' stand-in experiment
+
+
+def submit_gpupack(jobs: Jobs, workdir: Path, manifest: Path, *run_args: str, sbatch_args: tuple[str, ...] = ()) -> str:
+    """`sbatch [sbatch_args] slurm/parallel.slurm MANIFEST [run_args]` from `workdir`, with
+    simulated GPUs (the test cluster's GPUs are /dev/null) and a fast tick."""
+    return jobs.sbatch(*sbatch_args, str(ROOT / "slurm" / "parallel.slurm"), str(manifest),
+                       "--gpus", "4x80GB", "--poll", "1", *run_args, cwd=workdir)
+
+
+def gpupack_status(env: dict[str, str], run_dir: Path) -> dict[str, dict[str, Any]]:
+    done = subprocess.run([sys.executable, "-m", "gpupack", "status", str(run_dir), "--json"],
+                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    return {e["name"]: e for e in json.loads(done.stdout)["experiments"]}
+
+
+def wait_job_done(jobs: Jobs, job: str, log: Path, timeout_s: float) -> dict[str, str]:
+    """The job's final `scontrol show job` once it has left the queue for good (not requeued)."""
+    info = jobs.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout_s)
+    assert info["JobState"] == "COMPLETED", f"job {job} {info['JobState']}:\n{log.read_text() if log.exists() else ''}"
+    return info

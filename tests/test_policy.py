@@ -34,7 +34,8 @@ def req(name: str, order: int = 0, mem: float | None = 10, **kw: object) -> Requ
     """A 1-GPU request of `mem` GB in phase 0 unless told otherwise."""
     kw.setdefault("phase_index", 0)
     kw.setdefault("barrier", False)
-    return Request(name=name, order=order, mem_bytes=None if mem is None else int(mem * GB), **kw)  # type: ignore[arg-type]
+    mem_bytes = None if mem is None else int(mem * GB)
+    return Request(name=name, order=order, mem_bytes=mem_bytes, **kw)  # type: ignore[arg-type]
 
 
 def gpu(index: int, total: float = 80, free: float | None = -1, node: str = "n0") -> GpuSnapshot:
@@ -43,10 +44,14 @@ def gpu(index: int, total: float = 80, free: float | None = -1, node: str = "n0"
     return GpuSnapshot(node=node, index=index, total_bytes=int(total * GB), free_bytes=free_bytes)
 
 
-def occ(name: str, *gpus: int | tuple[str, int], budget: float | None = 10, observed: float = 0, **kw: object) -> Occupant:
+def occ(
+    name: str, *gpus: int | tuple[str, int], budget: float | None = 10, observed: float = 0, **kw: object
+) -> Occupant:
+    """Running on GPUs given as index (node n0) or (node, index); sizes in GB."""
     keys = tuple(g if isinstance(g, tuple) else ("n0", g) for g in gpus)
     budget_bytes = None if budget is None else int(budget * GB)
-    return Occupant(name=name, gpus=keys, budget_bytes=budget_bytes, observed_bytes=int(observed * GB), **kw)  # type: ignore[arg-type]
+    observed_bytes = int(observed * GB)
+    return Occupant(name, keys, budget_bytes, observed_bytes=observed_bytes, **kw)  # type: ignore[arg-type]
 
 
 def decide(
@@ -229,7 +234,8 @@ def test_gang_takes_gpus_on_one_node_never_split() -> None:
 def test_best_fit_keeps_the_large_hole() -> None:
     # room: gpu0 80 - 30 = 50, gpu1 80 - 50 = 30. A 25 GB job leaves 25 on gpu0 or 5 on gpu1 -> gpu1,
     # so a later 45 GB job still fits on gpu0.
-    d = decide([req("small", 0, 25), req("large", 1, 45)], [gpu(0), gpu(1)], [occ("x", 0, budget=30), occ("y", 1, budget=50)])
+    occupants = [occ("x", 0, budget=30), occ("y", 1, budget=50)]
+    d = decide([req("small", 0, 25), req("large", 1, 45)], [gpu(0), gpu(1)], occupants)
     assert placed(d) == {"small": ("n0", (1,)), "large": ("n0", (0,))}
 
 
@@ -340,7 +346,41 @@ def test_head_that_can_never_fit_holds_nothing() -> None:
     assert set(placed(d)) == {"long"}
 
 
-def _simulate(requests: Sequence[Request], gpus: Sequence[GpuSnapshot], running: Iterable[Occupant]) -> dict[str, float]:
+def test_reservation_holds_the_heads_cpus_too() -> None:
+    # n0: 8 CPUs, x holds 6 until 100 s. Head wants 6 CPUs: at 100 s, 8 - 0 = 8 >= 6. A long 4-CPU
+    # CPU-only job would leave 4 < 6 then: it waits. A 2-CPU one leaves 6: it may start now.
+    reqs = [
+        req("head", 0, 10, cpus=6, time_s=H),
+        req("cpu4", 1, None, gpus=0, cpus=4, phase_index=1, time_s=5 * H),
+        req("cpu2", 2, None, gpus=0, cpus=2, phase_index=1, time_s=5 * H),
+    ]
+    d = decide(reqs, [gpu(0)], [occ("x", 0, cpus=6, expected_end_s=100)], cpus_per_node={"n0": 8})
+    assert d.reservation is not None and d.reservation.node == "n0"
+    assert set(placed(d)) == {"cpu2"}
+    assert d.waiting["cpu4"] == "reserved for head (starts in 100s)"
+
+
+def test_overdue_occupant_makes_the_reservation_start_now() -> None:
+    # y was expected to end at 1000 s; it is 1500 s now. Head's start: max(now, 1000) = 1500.
+    gpus, occupants = _easy_world()
+    d = decide([req("head", 0, 75, gpus=2, time_s=H)], gpus, occupants, now=1500.0)
+    assert d.reservation is not None and d.reservation.start_s == 1500
+
+
+def test_head_that_could_not_finish_at_its_start_holds_nothing() -> None:
+    # Head (1h, 2 GPUs) starts at 1000 s at the earliest; 1000 + 3600 > 1h10m = 4200 s left.
+    # So it holds no reservation, and the long one may start; a resumable head would hold one.
+    gpus, occupants = _easy_world()
+    long = req("long", 1, 10, phase_index=1, time_s=5 * H, resumable=True)
+    d = decide([req("head", 0, 75, gpus=2, time_s=H), long], gpus, occupants, time_left_s=4200)
+    assert d.reservation is None and set(placed(d)) == {"long"}
+    d = decide([req("head", 0, 75, gpus=2, time_s=H, resumable=True), long], gpus, occupants, time_left_s=4200)
+    assert d.reservation is not None and placed(d) == {}
+
+
+def _simulate(
+    requests: Sequence[Request], gpus: Sequence[GpuSnapshot], running: Iterable[Occupant]
+) -> dict[str, float]:
     """Event loop over place(): budgets only (no readings), jobs end at their estimate. -> start times."""
     by_name = {r.name: r for r in requests}
     occupants = list(running)
@@ -417,51 +457,67 @@ def test_unfit_reason(request_: Request, reason: str | None) -> None:
 
 def test_policy_imports_no_clock_io_or_randomness() -> None:
     tree = ast.parse(Path(policy.__file__).read_text())
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
     assert not imported & {"time", "os", "subprocess", "logging", "random", "datetime", "gpupack"}
     assert imported <= {"__future__", "typing", "dataclasses", "enum", "collections", "math", "itertools", "heapq"}
 
 
-_mems = st.one_of(st.none(), st.integers(1, 80))
+_mem = st.one_of(st.none(), st.integers(1, 80))
+_time = st.one_of(st.none(), st.integers(0, 4000))
+Job = tuple[int | None, int, bool, int | None]  # mem GB, gpus, exclusive, time
+Running = tuple[int, int | None, int, int | None]  # GPU position, budget GB, observed GB, end
 
 
 @settings(max_examples=150, deadline=None)
 @given(
-    jobs=st.lists(st.tuples(_mems, st.integers(0, 2), st.booleans(), st.one_of(st.none(), st.integers(1, 4000))), max_size=12),
-    running=st.lists(st.tuples(st.integers(0, 3), _mems, st.integers(0, 80), st.one_of(st.none(), st.integers(0, 4000))), max_size=5),
+    jobs=st.lists(st.tuples(_mem, st.integers(0, 2), st.booleans(), _time), max_size=12),
+    running=st.lists(st.tuples(st.integers(0, 3), _mem, st.integers(0, 80), _time), max_size=5),
     frees=st.lists(st.one_of(st.none(), st.integers(0, 80)), min_size=4, max_size=4),
     headroom=st.integers(0, 5),
 )
-def test_invariants_on_random_worlds(jobs: list, running: list, frees: list, headroom: int) -> None:
-    """Whatever the input: every pending job is placed or has a reason, no GPU is over-committed,
-    nobody shares with a whole-GPU holder, gangs stay on one node, and the call is deterministic."""
-    gpus = [gpu(i % 2, free=f, node=f"n{i // 2}") for i, f in enumerate(frees)]
+def test_invariants_on_random_worlds(
+    jobs: list[Job], running: list[Running], frees: list[int | None], headroom: int
+) -> None:
+    """Whatever the input: every pending job is placed or has a one-line reason; nothing joins a
+    whole-GPU holder; a GPU that gets a newcomer stays within its budgets and its live reading;
+    gangs stay on one node; the same input gives the same decision."""
+    gpus = [gpu(i % 2, free=f, node=f"n{i // 2}") for i, f in enumerate(frees)]  # 2 nodes x 2 GPUs
     reqs = [req(f"e{i}", i, m, gpus=g, exclusive=x, time_s=t) for i, (m, g, x, t) in enumerate(jobs)]
     occupants = [
         occ(f"r{i}", gpus[k].key, budget=b, observed=o, expected_end_s=e) for i, (k, b, o, e) in enumerate(running)
     ]
-    d = decide(reqs, gpus, occupants, now=0.0, headroom_bytes=headroom * GB)
-    assert d == decide(reqs, gpus, occupants, now=0.0, headroom_bytes=headroom * GB)
+    d = decide(reqs, gpus, occupants, headroom_bytes=headroom * GB)
+    assert d == decide(reqs, gpus, occupants, headroom_bytes=headroom * GB)
     assert set(placed(d)) | set(d.waiting) == {r.name for r in reqs}
     assert not set(placed(d)) & set(d.waiting)
-    assert all("\n" not in why for why in d.waiting.values())
-    load: dict[tuple[str, int], list[tuple[int | None, bool]]] = {g.key: [] for g in gpus}
-    for o in occupants:
-        load[o.gpus[0]].append((o.budget_bytes, o.budget_bytes is None))
+    assert all(why and "\n" not in why for why in d.waiting.values())
+
+    held = {o.gpus[0] for o in occupants if o.budget_bytes is None}
+    budgets = {g.key: sum(o.budget_bytes or 0 for o in occupants if o.gpus[0] == g.key) for g in gpus}
+    unalloc = {
+        g.key: sum(max(0, (o.budget_bytes or 0) - o.observed_bytes) for o in occupants if o.gpus[0] == g.key)
+        for g in gpus
+    }
+    count = {g.key: sum(o.gpus[0] == g.key for o in occupants) for g in gpus}
     by_name = {r.name: r for r in reqs}
-    new: dict[tuple[str, int], int] = {g.key: 0 for g in gpus}
     for p in d.placements:
         r = by_name[p.name]
-        assert len(p.gpus) == r.gpus and len(set(p.gpus)) == r.gpus
-        for i in p.gpus:
-            key = (p.node, i)
-            assert not (r.holds_whole and load[key]), "whole-GPU request joined an occupied GPU"
-            load[key].append((r.mem_bytes, r.holds_whole))
-            new[key] += r.mem_bytes or 0
+        assert len(set(p.gpus)) == len(p.gpus) == r.gpus  # one Placement = one node
+        for key in ((p.node, i) for i in p.gpus):
+            assert key not in held, "joined a GPU held whole"
+            assert not (r.holds_whole and count[key]), "whole-GPU request joined an occupied GPU"
+            count[key] += 1
+            budgets[key] += r.mem_bytes or 0
+            unalloc[key] += r.mem_bytes or 0
+            if r.holds_whole:
+                held.add(key)
     for g in gpus:
-        entries = load[g.key]
-        if any(whole for _, whole in entries):
-            assert len(entries) == 1 or not new[g.key], "someone joined a whole-GPU holder"
-        elif new[g.key]:
-            assert sum(b or 0 for b, _ in entries) <= g.total_bytes - headroom * GB
+        if any(p.node == g.node and g.index in p.gpus for p in d.placements) and g.key not in held:
+            assert budgets[g.key] <= g.total_bytes - headroom * GB
+            if g.free_bytes is not None:
+                assert g.free_bytes - unalloc[g.key] >= headroom * GB

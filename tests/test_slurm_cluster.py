@@ -8,12 +8,16 @@ import json
 import math
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from gpupack import slurm
-from slurm_support import Jobs, jobs, python_script, slurm_env, wait_for, wait_for_file  # noqa: F401
+from slurm_support import (  # noqa: F401 (fixtures)
+    RECORD, Jobs, gpupack_status, jobs, python_script, slurm_env, submit_gpupack, wait_for, wait_for_file,
+    wait_job_done,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -74,10 +78,10 @@ def test_end_time_of_a_real_job_and_a_changed_limit(jobs: Jobs, tmp_path: Path) 
     assert end is not None and 240 <= end - now <= 300
 
     # The scontrol fallback (EndTime, whole seconds) agrees with squeue's time left.
-    def no_squeue(argv: list[str]) -> str | None:
+    def no_squeue(argv: Sequence[str]) -> str | None:
         return None if argv[0] == "squeue" else slurm.run_command(argv)
 
-    fallback = slurm.end_time(job, now, run=no_squeue)  # type: ignore[arg-type]
+    fallback = slurm.end_time(job, now, run=no_squeue)
     assert fallback is not None and abs(fallback - end) <= 2
 
     clock = slurm.AllocationClock(job, refresh_s=0)
@@ -141,3 +145,126 @@ def test_resubmit_where_requeue_is_disabled(jobs: Jobs, tmp_path: Path, monkeypa
     assert record["argv"] == args
     info = jobs.info(new)
     assert info["TimeLimit"] == "00:07:00" and info["WorkDir"] == str(work)  # sbatch options carried over
+
+
+# --- end to end: sbatch slurm/parallel.slurm ---------------------------------------------------
+
+PACKING = """\
+name: packing
+defaults: {{gpus: 1, mem: 50GB, time: 1m, cpus: 1}}
+phases:
+  - name: main
+    experiments:
+      - name: "short-{{i}}"
+        cmd: 'echo "$SLURM_STEP_ID" > {{out}}/step-id && {record} 1'
+        grid: {{i: [0, 1, 2, 3, 4, 5]}}
+      - name: pair
+        gpus: 2
+        cmd: 'echo "$SLURM_STEP_ID" > {{out}}/step-id && {record} 1'
+      - name: alone
+        exclusive: true
+        mem: 10GB
+        cmd: 'echo "$SLURM_STEP_ID" > {{out}}/step-id && {record} 1'
+      # Placed first (longest estimate); runs until every GPU experiment has finished. Had its
+      # step taken the job's GPUs (a step without --gres=none does), none could finish.
+      - name: cpu-only
+        gpus: 0
+        time: 1h
+        cmd: >-
+          echo "$SLURM_STEP_ID" > {{out}}/step-id && date +%s.%N > {{out}}/began &&
+          for i in $(seq 1200); do [ $(ls {{run}}/exp/*/results.json 2>/dev/null | wc -l) -ge 8 ] && break; sleep 0.1; done &&
+          {record} 0
+"""
+
+
+def test_sbatch_packs_experiments_as_steps_with_the_intended_gpus(jobs: Jobs, tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(PACKING.format(record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest)
+    log = tmp_path / f"gpupack-{job}.out"
+    wait_job_done(jobs, job, log, 120)
+    run_dir = tmp_path / "runs" / "packing"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {n: e["state"] for n, e in status.items()} == {n: "succeeded" for n in status}, log.read_text()
+    assert len(status) == 9
+
+    seen = {n: json.loads((run_dir / "exp" / n / "seen-1.json").read_text()) for n in status}
+    for name, entry in status.items():
+        gpus = entry["gpus"]
+        assert seen[name]["cvd"] == (",".join(map(str, gpus)) if gpus else None), name
+        assert entry["node"] == jobs.info(job)["NodeList"]
+    assert len(status["pair"]["gpus"]) == 2 and status["cpu-only"]["gpus"] == []
+    steps = {n: (run_dir / "exp" / n / "step-id").read_text().strip() for n in status}
+    assert all(s.isdigit() for s in steps.values()) and len(set(steps.values())) == 9  # one job step each
+
+    # Nothing shared the exclusive experiment's GPU while it ran.
+    alone = seen["alone"]
+    for name, s in seen.items():
+        if name != "alone" and set(status[name]["gpus"]) & set(status["alone"]["gpus"]):
+            assert s["end"] <= alone["start"] or s["start"] >= alone["end"], name
+    # The CPU-only step was already running when the GPU experiments started and finished.
+    began = float((run_dir / "exp" / "cpu-only" / "began").read_text())
+    assert all(began < s["start"] for n, s in seen.items() if n != "cpu-only")
+
+
+PREEMPT = """\
+name: preempt
+defaults: {{gpus: 1, mem: 10GB, cpus: 1}}
+phases:
+  - name: main
+    experiments:
+      - name: "quick-{{i}}"
+        cmd: "{record} 0.2"
+        grid: {{i: [0, 1]}}
+      - name: long
+        resumable: true
+        cmd: "{record} 600 --resumed-seconds 0.5"
+"""
+
+
+def preempt_run(jobs: Jobs, tmp_path: Path, sbatch_args: tuple[str, ...]) -> tuple[str, Path, Path]:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(PREEMPT.format(record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest, "--grace", "20", sbatch_args=sbatch_args)
+    return job, tmp_path / "runs" / "preempt", tmp_path / f"gpupack-{job}.out"
+
+
+def assert_resumed_after_requeue(jobs: Jobs, job: str, run_dir: Path, log: Path) -> None:
+    """Second run: finished experiments skipped, the interrupted one resumed, log appended."""
+    info = wait_job_done(jobs, job, log, 120)
+    assert info["Restarts"] == "1"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {n: (e["state"], e["attempts"]) for n, e in status.items()} == {
+        "quick-0": ("succeeded", 1), "quick-1": ("succeeded", 1), "long": ("succeeded", 2),
+    }
+    first = json.loads((run_dir / "exp" / "long" / "seen-1.json").read_text())
+    second = json.loads((run_dir / "exp" / "long" / "seen-2.json").read_text())
+    assert first["preempted"] and first["resume"] is None  # got the preempt signal through srun
+    assert second["resume"] == "1" and not second["preempted"]
+    text = log.read_text()
+    run1, run2 = f"=== gpupack job {job} run 1 ", f"=== gpupack job {job} run 2 "
+    assert run1 in text and run2 in text and text.index(run1) < text.index(run2), text  # appended
+    assert "long started" in text[text.index(run2):]  # the second run launched only `long`
+    assert "quick-0 started" not in text[text.index(run2):]
+
+
+def test_usr1_interrupts_steps_requeues_and_the_second_run_resumes(jobs: Jobs, tmp_path: Path) -> None:
+    job, run_dir, log = preempt_run(jobs, tmp_path, ())
+    exp = run_dir / "exp"
+    wait_for_file(exp / "long" / "started-1", 60)
+    wait_for("the quick experiments to finish",
+             lambda: all((exp / f"quick-{i}" / "results.json").exists() for i in (0, 1)), 60)
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=jobs.env, check=True)
+    t_signal = time.time()
+    second = json.loads(wait_for_file(exp / "long" / "started-2", 90))
+    print(f"USR1 -> interrupted experiment running again in the requeued job: {second['start'] - t_signal:.1f}s")
+    assert_resumed_after_requeue(jobs, job, run_dir, log)
+
+
+def test_real_time_limit_signal_requeues_before_the_limit(jobs: Jobs, tmp_path: Path) -> None:
+    # --time=1 --signal=B:USR1@30: the warning comes 30-60 s before the limit (slurmctld checks
+    # every 30 s), i.e. 0-30 s after the start; --grace 20 ends well inside the minute.
+    job, run_dir, log = preempt_run(jobs, tmp_path, ("--time=1", "--signal=B:USR1@30"))
+    wait_for_file(run_dir / "exp" / "long" / "started-2", 120)
+    assert_resumed_after_requeue(jobs, job, run_dir, log)
+    assert "allocation ending (USR1)" in log.read_text()

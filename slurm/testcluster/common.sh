@@ -7,7 +7,10 @@ ME=$(basename "$0")
 
 say() { echo "$ME: $*" >&2; }
 cannot() { say "cannot run here: $*"; exit 77; }  # 77: tests skip with this reason
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1" 2>/dev/null)" 2>/dev/null; }
+alive() {  # pidfile names a live process (/proc, not kill -0: that fails for other users' daemons)
+    local pid
+    pid=$(cat "$1" 2>/dev/null) && [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]]
+}
 
 lock() {  # one start.sh/stop.sh at a time on a directory; fd 9 must not reach the daemons
     mkdir -p "$DIR"
