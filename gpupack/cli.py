@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=_seconds, default=60.0, metavar="S", help="time experiments get to checkpoint after the preempt signal (default 60s)")
     p.add_argument("--log-every", type=_seconds, default=60.0, metavar="S", help="snapshot table interval in job logs (default 60s)")
     p.add_argument("--headroom", metavar="SIZE", help="GPU memory kept free on every GPU, e.g. 2GB (default 0)")
-    p.add_argument("--srun-mode", choices=("gres-none", "overlap"), help="how steps get their GPUs under Slurm (see slurm/README.md)")
+    p.add_argument("--srun-mode", choices=("auto", "gres-none", "overlap"), help="how job steps get their GPUs under Slurm (default auto; env GPUPACK_SRUN_MODE; see slurm/README.md)")
     p.add_argument("--max-requeues", type=int, default=10, metavar="N", help="requeue the Slurm job at most N times (default 10)")
     p.add_argument("--no-report", action="store_true", help="do not write report/ at the end")
 
@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     manifest=args.manifest, gpus=args.gpus, poll_s=args.poll, grace_s=args.grace,
                     log_every_s=args.log_every, headroom=args.headroom, srun_mode=args.srun_mode,
                     max_requeues=args.max_requeues, report=not args.no_report,
+                    argv=tuple(_run_argv(argv)),
                 ),
                 console,
             )
@@ -108,6 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return commands.EXIT_STOPPED
     return 2
+
+
+def _run_argv(argv: Sequence[str] | None) -> list[str]:
+    """What followed `run` on the command line (resubmission repeats it)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return words[words.index("run") + 1 :] if "run" in words else words
 
 
 def _default_signals() -> None:

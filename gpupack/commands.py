@@ -50,6 +50,7 @@ class RunArgs:
     srun_mode: str | None = None
     max_requeues: int = 10
     report: bool = True
+    argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
 def _load_manifest(path: Path) -> manifest_mod.Manifest:
@@ -92,8 +93,9 @@ def run(args: RunArgs, console: Console) -> int:
     manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
+    fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ)
+        probe, note = open_probe(args.gpus, node, os.environ, fallback)
     except GpuSpecError as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
@@ -114,8 +116,9 @@ def run(args: RunArgs, console: Console) -> int:
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
-            launcher: LocalLauncher = SrunLauncher(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE", "gres-none"))
-            hooks = slurm.engine_hooks(allocation, args.max_requeues)
+            mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
+            launcher: LocalLauncher = SrunLauncher(mode, node_gpus=allocation.gpus_per_node or None)
+            hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
             launcher = LocalLauncher()
             hooks = engine_mod.Hooks()

@@ -245,9 +245,14 @@ class Engine:
                     time_left_s=self.hooks.time_left(now),
                 ),
             )
+            launched = 0
             for placement in decision.placements:
+                if not self.launcher.may_launch(self.clock()):
+                    break  # backpressure (Slurm step creation): the rest waits for a later tick
                 self._launch(placement, now)
+                launched += 1
             self.on_tick(now)
+            throttled = launched < len(decision.placements)
             if not self.running and not decision.placements:
                 # Nothing runs and nothing starts. Live readings can lag the exit of a process
                 # (the driver frees memory late), so look again a few times before concluding.
@@ -258,7 +263,8 @@ class Engine:
                 continue
             idle_ticks = 0
             adopted = any(r.handle.popen is None for r in self.running.values())
-            self._sleep(min(self.options.poll_s, 1.0) if adopted else self.options.poll_s)
+            soon = adopted or throttled
+            self._sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
     def _requests(self) -> list[policy.Request]:
         return [request_for(e, self._budget(e)) for e in self.manifest.experiments]
@@ -367,6 +373,7 @@ class Engine:
     def _ended(self, r: Running, code: int | None, now: float, interrupted: bool) -> None:
         name, exp = r.exp.name, r.exp
         del self.running[name]
+        self.launcher.ended(name)
         self.store.record_usage({r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)})
         took = format_duration(now - r.started_at)
         where = _where_keys(r.gpus)

@@ -212,23 +212,23 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def open_probe(spec: str | None, node: str, env: Mapping[str, str]) -> tuple[GpuProbe, str | None]:
+def open_probe(
+    spec: str | None, node: str, env: Mapping[str, str], fallback: str = "4x80GB"
+) -> tuple[GpuProbe, str | None]:
     """The probe to use and, when NVML was wanted but gave nothing, the one-line reason why
-    simulated GPUs are used instead. `spec` (--gpus / GPUPACK_GPUS) forces simulated GPUs."""
+    simulated GPUs (`fallback`) are used instead. `spec` (--gpus / GPUPACK_GPUS) forces them."""
     spec = spec or env.get("GPUPACK_GPUS") or None
     if spec:
         return SimulatedProbe(parse_gpu_spec(spec, node)), None
+    why = "NVML found no GPU"
     try:
         probe = NvmlProbe(node, env=env)
-    except Exception as exc:  # NVML missing, no driver, no permission: all mean "no GPU here"
-        note = f"NVML found no GPU ({_short(exc)}); using simulated GPUs 4x80GB (set --gpus to choose)"
-        return SimulatedProbe(parse_gpu_spec("4x80GB", node)), note
-    if not probe.inventory():
+        if probe.inventory():
+            return probe, None
         probe.close()
-        return SimulatedProbe(parse_gpu_spec("4x80GB", node)), (
-            "NVML found no GPU; using simulated GPUs 4x80GB (set --gpus to choose)"
-        )
-    return probe, None
+    except Exception as exc:  # NVML missing, no driver, no permission: all mean "no GPU here"
+        why = f"NVML found no GPU ({_short(exc)})"
+    return SimulatedProbe(parse_gpu_spec(fallback, node)), f"{why}; using simulated GPUs {fallback} (set --gpus to choose)"
 
 
 def _short(exc: BaseException) -> str:

@@ -114,11 +114,21 @@ def pid_file_for(log_path: Path) -> Path:
 class Launcher(Protocol):
     def launch(self, spec: LaunchSpec) -> Handle: ...
 
+    def may_launch(self, now: float) -> bool: ...
+
+    def ended(self, name: str) -> None: ...
+
 
 class LocalLauncher:
     """Each attempt is `bash -c CMD` in a new session on this machine."""
 
     kind = "local"
+
+    def may_launch(self, now: float) -> bool:
+        return True
+
+    def ended(self, name: str) -> None:
+        pass
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         return ["bash", "-c", spec.cmd]
@@ -148,12 +158,21 @@ class LocalLauncher:
 
 class SrunLauncher(LocalLauncher):
     """Each attempt is one job step of the current allocation, started by a local srun client
-    (srun forwards the signals it gets to the step's tasks)."""
+    (srun forwards the signals it gets to the step's tasks).
+
+    Step creation is throttled: while any step's srun reports "step creation temporarily
+    disabled" (it retries by itself) no new step is started, so slurmctld never sees a storm."""
 
     kind = "srun"
+    WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
-    def __init__(self, mode: str = "gres-none"):
+    def __init__(self, mode: str, node_gpus: int | None = None, max_steps_per_s: int = 5):
+        from .slurm import StepThrottle
+
         self.mode = mode
+        self.node_gpus = node_gpus
+        self.throttle = StepThrottle(max_steps_per_s)
+        self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
@@ -161,11 +180,38 @@ class SrunLauncher(LocalLauncher):
         return srun_argv(
             name=spec.name,
             node=spec.node,
-            gpu_indices=spec.gpu_indices,
+            gpu_indices=spec.cuda_ids,  # type: ignore[arg-type]  # tokens of CUDA_VISIBLE_DEVICES
             cpus=spec.cpus,
-            mode=self.mode,
+            mode=self.mode,  # type: ignore[arg-type]
             inner_argv=["bash", "-c", spec.cmd],
+            node_gpus=self.node_gpus,
         )
+
+    def launch(self, spec: LaunchSpec) -> Handle:
+        offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
+        handle = super().launch(spec)
+        now = time.time()
+        self.throttle.launched(spec.name, now)
+        self._watched[spec.name] = (spec.log_path, offset, now)
+        return handle
+
+    def may_launch(self, now: float) -> bool:
+        for name, (log, offset, since) in list(self._watched.items()):
+            try:
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    text = f.read(65536)
+            except OSError:
+                text = b""
+            self._watched[name] = (log, offset + len(text), since)
+            self.throttle.observe(name, text.decode(errors="replace"))
+            if now - since > self.WATCH_S and name not in self.throttle.waiting:
+                del self._watched[name]
+        return self.throttle.may_launch(now)
+
+    def ended(self, name: str) -> None:
+        self._watched.pop(name, None)
+        self.throttle.ended(name)
 
 
 def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:
@@ -192,7 +238,6 @@ def experiment_env(
     env.update(
         {
             "CUDA_VISIBLE_DEVICES": visible,  # empty for CPU-only experiments: they see no GPU
-            "GPUPACK_VISIBLE_DEVICES": visible,  # srun strips CUDA_VISIBLE_DEVICES; the step restores it
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "GPUPACK_RUN_DIR": str(run_dir),
             "GPUPACK_EXPERIMENT": name,

@@ -347,17 +347,17 @@ def test_head_that_can_never_fit_holds_nothing() -> None:
 
 
 def test_reservation_holds_the_heads_cpus_too() -> None:
-    # n0: 8 CPUs, x holds 6 until 100 s. Head wants 6 CPUs: at 100 s, 8 - 0 = 8 >= 6. A long 4-CPU
-    # CPU-only job would leave 4 < 6 then: it waits. A 2-CPU one leaves 6: it may start now.
+    # n0: 16 CPUs, x holds 6 until 100 s; the head wants 12 (6 + 12 > 16 now; 12 <= 16 at 100 s).
+    # Long CPU-only jobs fit now (10 free), but at 100 s 6 + 12 > 16 delays the head, 4 + 12 does not.
     reqs = [
-        req("head", 0, 10, cpus=6, time_s=H),
-        req("cpu4", 1, None, gpus=0, cpus=4, phase_index=1, time_s=5 * H),
-        req("cpu2", 2, None, gpus=0, cpus=2, phase_index=1, time_s=5 * H),
+        req("head", 0, 10, cpus=12, time_s=H),
+        req("cpu6", 1, None, gpus=0, cpus=6, phase_index=1, time_s=5 * H),
+        req("cpu4", 2, None, gpus=0, cpus=4, phase_index=1, time_s=5 * H),
     ]
-    d = decide(reqs, [gpu(0)], [occ("x", 0, cpus=6, expected_end_s=100)], cpus_per_node={"n0": 8})
+    d = decide(reqs, [gpu(0)], [occ("x", 0, cpus=6, expected_end_s=100)], cpus_per_node={"n0": 16})
     assert d.reservation is not None and d.reservation.node == "n0"
-    assert set(placed(d)) == {"cpu2"}
-    assert d.waiting["cpu4"] == "reserved for head (starts in 100s)"
+    assert set(placed(d)) == {"cpu4"}
+    assert d.waiting["cpu6"] == "reserved for head (starts in 100s)"
 
 
 def test_overdue_occupant_makes_the_reservation_start_now() -> None:

@@ -10,8 +10,10 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,8 +47,21 @@ def _attempt(store: Store, name: str, gpu: int, start: float, end: float | None,
     store.event("finish" if ok else "fail", name, f"{name} {'succeeded' if ok else f'failed (exit {code})'} on gpu{gpu}", T0 + end)
 
 
+_TEMPLATE = tempfile.TemporaryDirectory(prefix="gpupack-test-run-")  # removed when the session ends
+
+
 def make_run(run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """A fresh copy of the fixture run at run_dir. It is built once: its ~60 transactions, each
+    fsynced (synchronous=FULL), take half a second on a disk, a copy a few milliseconds."""
+    template = Path(_TEMPLATE.name) / "demo"
+    if not template.exists():
+        _build_run(template)
+    shutil.copytree(template, run_dir)
+    return run_dir
+
+
+def _build_run(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True)
     store = Store(run_dir / "state.db")
     rows = [
         _row(f"bridge-{task}-s{seed}", "seeds", "bridge-{task}-s{seed}", i * 3 + j, {"task": task, "seed": seed}, 20, 600)
@@ -85,12 +100,20 @@ def make_run(run_dir: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         results = {"accuracy": acc, "loss": {"final": 1 - acc}, "seed": seed, "config": {"lr": 1e-3, "task": task}}
         (out / "results.json").write_text(json.dumps(results))
-    return run_dir
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return make_run(tmp_path / "runs" / "demo")
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """summary.json's content without drawing the timeline (matplotlib takes seconds to import)."""
+    store = Store(run_dir / "state.db", readonly=True)
+    try:
+        return report.summarize(report.load_facts(store))
+    finally:
+        store.close()
 
 
 def test_union_seconds_counts_overlap_once() -> None:
@@ -99,8 +122,7 @@ def test_union_seconds_counts_overlap_once() -> None:
 
 
 def test_summary_busy_fraction_per_gpu_and_overall(run_dir: Path) -> None:
-    paths = report.write_report(run_dir)
-    summary = json.loads(paths["summary"].read_text())
+    summary: dict[str, Any] = _summary(run_dir)
     gpus = {g["gpu"]: g for g in summary["gpus"]}
     # The run never recorded its end: it lasts until its last sign of life, the sample at 1500 s.
     assert summary["wall_s"] == pytest.approx(1500)
@@ -116,7 +138,7 @@ def test_summary_busy_fraction_per_gpu_and_overall(run_dir: Path) -> None:
 
 
 def test_summary_per_experiment(run_dir: Path) -> None:
-    summary = json.loads(report.write_report(run_dir)["summary"].read_text())
+    summary: dict[str, Any] = _summary(run_dir)
     exps = {e["name"]: e for e in summary["experiments"]}
     retried = exps["bridge-trec-s2"]
     assert (retried["state"], retried["attempts"], retried["gpus"]) == ("succeeded", 2, ["gpu0"])
@@ -137,7 +159,7 @@ def test_later_run_on_other_gpus_counts_only_its_own_time(run_dir: Path) -> None
     store.end_attempt(aid, A_SUCCEEDED, 0, T0 + 5400, SUCCEEDED)
     store.end_run(rid, 0, T0 + 5500)
     store.close()
-    summary = json.loads(report.write_report(run_dir)["summary"].read_text())
+    summary: dict[str, Any] = _summary(run_dir)
     gpus = {g["gpu"]: g for g in summary["gpus"]}
     assert summary["wall_s"] == pytest.approx(1500 + 500)
     assert gpus["n2:gpu0"]["busy_fraction"] == pytest.approx(400 / 500)

@@ -14,7 +14,8 @@ that is not a pure bag of words:
           starts questions of every type and "what is the name of the" four of them; 5%
           label noise.
 - xsum    a 3-5 sentence news document and a one-sentence summary that is not a sentence of
-          the document (a past participle where the document has a past tense), as in XSUM.
+          the document (a past participle where the document has a past tense), in one of two
+          phrasings drawn at random, one of which combines facts of two sentences.
 
 Written: <task>/{train,test}.jsonl ({"text", "label"} or {"document", "summary"}),
 tasks.json (labels, verbalizers and prompt of each task) and vocab.txt (every word of the
@@ -185,7 +186,10 @@ def _xsum(rng: random.Random) -> tuple[str, str]:
     sentences = facts + rng.sample(XSUM_FILLER, rng.randrange(1, 4))
     rng.shuffle(sentences)
     document = " . ".join(sentences) + " ."
-    summary = f"the {adj} {obj} in {town} has been {participle} by the {subject} ."
+    if rng.random() < 0.5:
+        summary = f"the {adj} {obj} in {town} has been {participle} by the {subject} ."
+    else:  # a second phrasing, drawn at random: no model can know which, as in real XSUM
+        summary = f"{town} {obj} {participle} after {years} years of talks ."
     return document, summary
 
 
