@@ -36,8 +36,10 @@ from common import log
 from gpupack import job
 
 CHECKPOINT = "checkpoint.pt"
-# Arguments that do not change what is computed: a resumed attempt may differ in them.
-NOT_SEMANTIC = frozenset({"out", "resume", "ckpt_every", "log_every", "device", "threads", "data_dir"})
+# Arguments that do not change what step N computes: a resumed attempt may differ in them.
+# The learning rate does not depend on the total number of steps, so a run can be extended
+# by resuming it with a larger --steps.
+NOT_SEMANTIC = frozenset({"out", "resume", "steps", "ckpt_every", "log_every", "device", "threads", "data_dir"})
 
 
 @dataclass(frozen=True)

@@ -494,7 +494,7 @@ class Engine:
 
 def request_for(e: Experiment, mem_bytes: int | None) -> policy.Request:
     return policy.Request(
-        name=e.name, phase_index=e.phase_index, barrier=e.barrier, order=e.order, gpus=e.gpus,
+        name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
         mem_bytes=mem_bytes, time_s=e.time_s, cpus=e.cpus, exclusive=e.exclusive,
         resumable=e.resumable, depends_on=e.depends_on,
     )

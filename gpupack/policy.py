@@ -573,7 +573,7 @@ def unfit_reason(
     biggest = max(g.total_bytes for g in gpus)
     if need > biggest - headroom_bytes:
         minus = f" minus {_fmt_bytes(headroom_bytes)} headroom" if headroom_bytes else ""
-        return f"needs {_fmt_bytes(need)} per GPU; the largest GPU holds {_fmt_bytes(biggest)}{minus}"
+        return f"needs {_fmt_bytes(need)} of memory per GPU; the largest GPU holds {_fmt_bytes(biggest)}{minus}"
     per_node = Counter(g.node for g in gpus if g.total_bytes - headroom_bytes >= need)
     most = max(per_node.values())
     if request.gpus > most:

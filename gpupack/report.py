@@ -21,6 +21,7 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -244,10 +245,9 @@ def _mean(values: list[float]) -> float | None:
 def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
     """The timeline as PNG bytes, or None when matplotlib is not installed."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display on a compute node; must precede pyplot
-        import matplotlib.pyplot as plt
+        # Figure without pyplot: no global backend switch and no display needed on a compute node.
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure
         from matplotlib.patches import Patch
     except ImportError:
         return None
@@ -256,12 +256,10 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
     unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
     keys = list(facts.gpus)
     phases = list(dict.fromkeys(e.phase for e in facts.experiments))
-    colours = {p: plt.get_cmap("tab10")(i % 10) for i, p in enumerate(phases)}
+    colours = {p: colormaps["tab10"](i % 10) for i, p in enumerate(phases)}
     phase_of = {e.name: e.phase for e in facts.experiments}
-    fig, (lanes, curve) = plt.subplots(
-        2, 1, sharex=True, figsize=(12, 2.5 + 0.7 * max(len(keys), 1)),
-        gridspec_kw={"height_ratios": [max(len(keys), 1) * 0.7, 2.0]}, layout="constrained",
-    )
+    fig = Figure(figsize=(12, 2.5 + 0.7 * max(len(keys), 1)), layout="constrained")
+    lanes, curve = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(len(keys), 1) * 0.7, 2.0]})
     for row, key in enumerate(keys):
         y = len(keys) - 1 - row  # the first GPU on top
         bars = sorted(
@@ -298,25 +296,37 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
         f"{summary['run']}: GPUs busy {_pct(overall['busy_fraction'])} of {format_duration(summary['wall_s'])}"
         f" (target > {TARGET_BUSY_FRACTION:.0%}), mean utilization {_pct_value(overall['mean_util_pct'])}", fontsize=10,
     )
-    series: dict[GpuKey, list[tuple[float, float]]] = defaultdict(list)
+    readings: dict[GpuKey, list[tuple[float, float]]] = defaultdict(list)
     for t, node, index, util, _used, _total in facts.samples:
         if util is not None:
-            series[(node, index)].append(((t - t0) / scale, util))
+            readings[(node, index)].append((t, util))
     for key in keys:
-        if series[key]:
-            xs, ys = zip(*series[key])
-            # a reading holds until the next one: steps, not lines that invent values in between
-            curve.plot(xs, ys, linewidth=0.9, drawstyle="steps-post", label=gpu_label(key, facts.single_node))
+        xs, ys = _util_steps(readings[key], facts.windows)
+        if xs:
+            curve.plot([(x - t0) / scale for x in xs], ys, linewidth=0.9, drawstyle="steps-post",
+                       label=gpu_label(key, facts.single_node))
     curve.axhline(TARGET_BUSY_FRACTION * 100, color="0.4", linestyle="--", linewidth=0.8, label=f"{TARGET_BUSY_FRACTION:.0%} target")
     curve.set_ylim(0, 105)
     curve.set_ylabel("utilization %")
     curve.set_xlabel(f"time since start ({unit})")
-    if series:
+    if facts.samples:
         curve.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     return buf.getvalue()
+
+
+def _util_steps(readings: list[tuple[float, float]], windows: list[Window]) -> tuple[list[float], list[float]]:
+    """A GPU's (time, util) readings as steps: a reading holds until the next one or the end of
+    its allocation, and the line breaks (NaN) between allocations instead of bridging the gap."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for w in windows:
+        points = [(t, u) for t, u in readings if w.start <= t <= w.end]
+        if points:
+            xs += [t for t, _ in points] + [w.end, w.end]
+            ys += [u for _, u in points] + [points[-1][1], math.nan]
+    return xs, ys
 
 
 def _pct(fraction: float | None) -> str:

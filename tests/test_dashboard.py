@@ -6,6 +6,8 @@ import io
 import re
 import socket
 import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from rich.console import Console
 from gpupack import dashboard
 from gpupack.status import status_data
 from gpupack.store import Store
+from conftest import ROOT, gpupack_env
 from test_report import NOW, T0, make_run  # the shared fixture run (tests/ is on sys.path)
 
 EVENT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \w+ +\S")
@@ -131,6 +134,7 @@ def test_watch_returns_when_the_run_has_ended(run_dir: Path) -> None:
     assert dashboard.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
     out = buf.getvalue()
     assert out.count("=== ") == 2 and out.rstrip().endswith("run ended (exit code 0)")
+    assert "| demo | job 4242 | ended after 25m00s ===" in out
     writer.close()
 
 
@@ -143,3 +147,36 @@ def test_watch_notices_a_dead_scheduler(run_dir: Path) -> None:
     assert dashboard.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
     assert f"the scheduler (pid {proc.pid}) is gone" in buf.getvalue()
     writer.close()
+
+
+def test_gpupack_run_writes_a_plain_job_log(write_manifest: Callable[[str], Path], tmp_path: Path) -> None:
+    """The real CLI with stdout to a file, as under sbatch: event lines, snapshots, then the report."""
+    manifest = write_manifest(
+        """
+        name: joblog
+        phases:
+          - name: only
+            experiments:
+              - name: "e{i}"
+                cmd: "echo hi"
+                grid: {i: [1, 2]}
+                mem: 1GB
+        """
+    )
+    log = tmp_path / "slurm-1.out"
+    with log.open("w") as f:
+        done = subprocess.run(
+            [sys.executable, "-m", "gpupack", "run", str(manifest), "--gpus", "1x80GB", "--poll", "0.2"],
+            stdout=f, stderr=subprocess.STDOUT, env=gpupack_env(), cwd=ROOT, timeout=120,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert "\x1b" not in text
+    lines = text.splitlines()
+    for name in ("e1", "e2"):
+        assert len([line for line in lines if EVENT_LINE.match(line) and f" {name} started on gpu0" in line]) == 1
+        assert len([line for line in lines if EVENT_LINE.match(line) and f" {name} succeeded" in line]) == 1
+    headers = [line for line in lines if line.startswith("=== ")]
+    assert len(headers) == 2 and "| joblog |" in headers[0]  # the first and the final snapshot
+    assert lines[lines.index(headers[1]) + 2].startswith("only  | #################### |  2/2 |")
+    assert (tmp_path / "runs" / "joblog" / "report" / "report.html").is_file()

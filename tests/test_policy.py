@@ -443,7 +443,7 @@ def test_cpu_limits() -> None:
     "request_, reason",
     [
         (req("e", 0, 80), None),
-        (req("e", 0, 75), "needs 75.0 GB per GPU; the largest GPU holds 80.0 GB minus 10.0 GB headroom"),
+        (req("e", 0, 75), "needs 75.0 GB of memory per GPU; the largest GPU holds 80.0 GB minus 10.0 GB headroom"),
         (req("e", 0, 60, gpus=3), "needs 3 GPUs with 60.0 GB on one node; the most on any node is 2"),
         (req("e", 0, None, gpus=2), None),
         (req("e", 0, None, gpus=0, cpus=64), "needs 64 CPUs; the largest node has 32"),

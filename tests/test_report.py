@@ -7,6 +7,7 @@ on node n1, 25 minutes in, with co-located, failed, retried, running and pending
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -165,6 +166,13 @@ def test_later_run_on_other_gpus_counts_only_its_own_time(run_dir: Path) -> None
     assert gpus["n2:gpu0"]["busy_fraction"] == pytest.approx(400 / 500)
     assert gpus["n1:gpu0"]["busy_fraction"] == pytest.approx(1250 / 1500)
     assert summary["overall"]["busy_fraction"] == pytest.approx((1250 + 1500 + 400) / (1500 * 2 + 500))
+
+
+def test_utilization_steps_hold_to_the_allocation_end_and_break_between_allocations() -> None:
+    windows = [report.Window(0, 100, None), report.Window(500, 600, None)]
+    xs, ys = report._util_steps([(0, 10.0), (50, 90.0), (510, 40.0)], windows)
+    assert xs == [0, 50, 100, 100, 510, 600, 600]
+    assert ys[:3] == [10.0, 90.0, 90.0] and math.isnan(ys[3]) and ys[4:6] == [40.0, 40.0] and math.isnan(ys[6])
 
 
 def test_report_files_parse_and_html_is_self_contained(run_dir: Path) -> None:

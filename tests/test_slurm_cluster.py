@@ -177,10 +177,11 @@ phases:
 """
 
 
-def test_sbatch_packs_experiments_as_steps_with_the_intended_gpus(jobs: Jobs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", slurm.GPU_MODES)
+def test_sbatch_packs_experiments_as_steps_with_the_intended_gpus(jobs: Jobs, tmp_path: Path, mode: str) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(PACKING.format(record=RECORD))
-    job = submit_gpupack(jobs, tmp_path, manifest)
+    job = submit_gpupack(jobs, tmp_path, manifest, "--srun-mode", mode)
     log = tmp_path / f"gpupack-{job}.out"
     wait_job_done(jobs, job, log, 120)
     run_dir = tmp_path / "runs" / "packing"
@@ -262,9 +263,10 @@ def test_usr1_interrupts_steps_requeues_and_the_second_run_resumes(jobs: Jobs, t
 
 
 def test_real_time_limit_signal_requeues_before_the_limit(jobs: Jobs, tmp_path: Path) -> None:
-    # --time=1 --signal=B:USR1@30: the warning comes 30-60 s before the limit (slurmctld checks
-    # every 30 s), i.e. 0-30 s after the start; --grace 20 ends well inside the minute.
-    job, run_dir, log = preempt_run(jobs, tmp_path, ("--time=1", "--signal=B:USR1@30"))
+    # slurmctld looks every 30 s and signals once at most warn+30 s are left: with --time=1 and
+    # @20 the warning comes 10-40 s after the start, late enough for gpupack to have its
+    # handlers, early enough for grace and requeue before the limit.
+    job, run_dir, log = preempt_run(jobs, tmp_path, ("--time=1", "--signal=B:USR1@20"))
     wait_for_file(run_dir / "exp" / "long" / "started-2", 120)
     assert_resumed_after_requeue(jobs, job, run_dir, log)
     assert "allocation ending (USR1)" in log.read_text()

@@ -154,10 +154,12 @@ else
     # A changed slurm.conf needs both daemons restarted (slurmd alone: "different slurm.conf").
     stop_daemon "$DIR/run/slurmd.pid"
     stop_daemon "$DIR/run/slurmctld.pid"
-    # Only one cluster per port: refuse to fight a slurmctld that is not ours.
-    if others=$(pgrep -x slurmctld); then
-        fail "another slurmctld is running (pid $others); stop it or set GPUPACK_SLURM_CTLD_PORT/GPUPACK_SLURM_SLURMD_PORT"
-    fi
+    # One cluster per pair of ports: refuse to fight daemons that are not ours.
+    for port in "$CTLD_PORT" "$SLURMD_PORT"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            fail "port $port is in use (another Slurm? slurmctld pids: $(pgrep -x slurmctld | tr '\n' ' ')); stop it or set GPUPACK_SLURM_CTLD_PORT/GPUPACK_SLURM_SLURMD_PORT"
+        fi
+    done
     mkdir -p "$DIR"/{etc,state,spool,run,log,dev}
     for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
     render_slurm_conf >"$CONF"
