@@ -39,7 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 # Arguments that do not change what step N computes: a resumed attempt may differ in them.
 # The learning rate does not depend on the total number of steps, so a run can be extended
 # by resuming it with a larger --steps.
-NOT_SEMANTIC = frozenset({"out", "resume", "steps", "ckpt_every", "log_every", "device", "threads", "data_dir"})
+NOT_SEMANTIC = frozenset({"out", "resume", "steps", "ckpt_every", "log_every", "device", "threads"})
 
 
 @dataclass(frozen=True)

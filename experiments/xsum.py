@@ -8,7 +8,7 @@
 - seq2seq: trains the model on document -> summary, then generates a summary of each test
   document. --nproc N (default: the GPUs it sees, at least 1) runs N data-parallel ranks
   through accelerate (spawn.py starts them): each rank takes its share of every global
-  batch, so the numbers do not depend on N; on the CPU the ranks talk over gloo.
+  batch, so the data order does not depend on N; on the CPU the ranks talk over gloo.
   Checkpoints and resume as every training script (training.py).
 - lead: the document's first sentence (XSUM's LEAD baseline); oracle: the sentence with the
   best ROUGE-L against the reference (the extractive upper bound). No model, no training.

@@ -119,8 +119,11 @@ def build_view(store: Store, now: float) -> View:
     except (ValueError, TypeError, KeyError):
         pass  # without the inventory the GPUs come from the samples alone
     latest: dict[GpuKey, tuple[float | None, int | None, int | None]] = {k: (None, None, t) for k, t in inventory.items()}
+    started_at = _seconds(runs[-1]["started_at"]) if runs else None
     sampled_at = None
     for t, node, index, util, used, total in store.gpu_samples():
+        if started_at is not None and t < started_at:
+            continue  # an earlier allocation's readings say nothing about these GPUs now
         latest[(node, index)] = (util, used, total)  # rows come in time order: the last one wins
         sampled_at = t
     keys = list(inventory) + [k for k in sorted(latest) if k not in inventory]
@@ -141,7 +144,7 @@ def build_view(store: Store, now: float) -> View:
     alloc_end = meta.get("alloc_end") or ""
     return View(
         run=meta.get("run_name", ""), now=now, job_id=meta.get("job_id", ""),
-        started_at=_seconds(runs[-1]["started_at"]) if runs else None,
+        started_at=started_at,
         ended_at=_seconds(runs[-1]["ended_at"]) if runs else None,
         alloc_end=float(alloc_end) if alloc_end else None, sampled_at=sampled_at, eta_s=eta, unestimated=unknown,
         phases=tuple(PhaseView(p, dict(c)) for p, c in phases.items()), gpus=gpus,

@@ -28,6 +28,7 @@ from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
 from .store import (
+    Event,
     A_FAILED,
     A_INTERRUPTED,
     A_SUCCEEDED,
@@ -116,6 +117,7 @@ class Engine:
         self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self._last_sample = 0.0
+        self._alloc_end: str | None = None
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -219,6 +221,15 @@ class Engine:
 
     # --- the loop ---------------------------------------------------------------------------
 
+    def _time_left(self, now: float) -> float | None:
+        """Time left in the allocation; its end is kept in the store for the dashboards."""
+        left = self.hooks.time_left(now)
+        end = "" if left is None else f"{now + left:.0f}"
+        if end != self._alloc_end and (not end or not self._alloc_end or abs(float(end) - float(self._alloc_end)) > 30):
+            self._alloc_end = end
+            self.store.set_meta({"alloc_end": end})
+        return left
+
     def _pending(self) -> bool:
         return any(s in (PENDING, INTERRUPTED) for s in self.states.values())
 
@@ -242,7 +253,7 @@ class Engine:
                 policy.Limits(
                     headroom_bytes=self.options.headroom_bytes,
                     cpus_per_node=self.hooks.cpus_per_node,
-                    time_left_s=self.hooks.time_left(now),
+                    time_left_s=self._time_left(now),
                 ),
             )
             launched = 0
@@ -349,19 +360,17 @@ class Engine:
         )
         spec = LaunchSpec(exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus)
         try:
-            exp.out_dir.mkdir(parents=True, exist_ok=True)
-            handle = self.launcher.launch(spec)
+            handle = self.launcher.launch(spec)  # creates {out} (the log lives there)
         except OSError as exc:
-            self.store.end_attempt(attempt_id, A_FAILED, None, now, FAILED, f"could not start: {exc}")
+            event = Event(now, "fail", exp.name, f"{exp.name} could not start: {exc}")
+            self.store.end_attempt(attempt_id, A_FAILED, None, now, FAILED, f"could not start: {exc}", event=event)
             self.states[exp.name] = FAILED
-            self._event("fail", exp.name, f"{exp.name} could not start: {exc}")
             return
-        self.store.attempt_launched(attempt_id, handle.pgid)
+        extra = ", resuming" if resume else ""
+        started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
+        self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started))
         self.states[exp.name] = RUNNING
         self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now)
-        where = _where(placement)
-        extra = ", resuming" if resume else ""
-        self._event("start", exp.name, f"{exp.name} started on {where} (attempt {number}{extra})")
 
     def _reap(self, now: float) -> None:
         for name in list(self.running):
@@ -374,19 +383,19 @@ class Engine:
         name, exp = r.exp.name, r.exp
         del self.running[name]
         self.launcher.ended(name)
-        self.store.record_usage({r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)})
+        usage = (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
         took = format_duration(now - r.started_at)
         where = _where_keys(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded:
-            self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED)
+            event = Event(now, "finish", name, f"{name} succeeded in {took} on {where}")
+            self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED, event=event, usage=usage)
             self.states[name] = SUCCEEDED
-            self._event("finish", name, f"{name} succeeded in {took} on {where}")
             return
         if interrupted:
-            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.stop_reason)
+            event = Event(now, "interrupt", name, f"{name} interrupted after {took} on {where}")
+            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.stop_reason, event=event, usage=usage)
             self.states[name] = INTERRUPTED
-            self._event("interrupt", name, f"{name} interrupted after {took} on {where}")
             return
         log = r.handle.log_path
         if outcome.oom and self.oom_retries.get(name, 0) < MAX_OOM_RETRIES and exp.gpus > 0:
@@ -396,23 +405,20 @@ class Engine:
             if raised > current:
                 self.oom_retries[name] = self.oom_retries.get(name, 0) + 1
                 self.mem_override[name] = raised
-                self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, "CUDA out of memory; retrying", oom=True)
+                event = Event(now, "oom", name, f"{name} ran out of GPU memory after {took} on {where}; retrying with mem {format_bytes(raised)}")
+                self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, "CUDA out of memory; retrying", oom=True, event=event, usage=usage)
                 self.states[name] = PENDING
-                self._event(
-                    "oom", name,
-                    f"{name} ran out of GPU memory after {took} on {where}; retrying with mem {format_bytes(raised)}",
-                )
                 return
         self.failures[name] = self.failures.get(name, 0) + 1
         if self.failures[name] <= exp.retries:
             why = f"{outcome.reason}; retry {self.failures[name]} of {exp.retries}"
-            self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, why, oom=outcome.oom)
+            event = Event(now, "retry", name, f"{name} failed ({outcome.reason}) after {took} on {where}; retry {self.failures[name]} of {exp.retries}")
+            self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, why, oom=outcome.oom, event=event, usage=usage)
             self.states[name] = PENDING
-            self._event("retry", name, f"{name} failed ({outcome.reason}) after {took} on {where}; retry {self.failures[name]} of {exp.retries}")
             return
-        self.store.end_attempt(r.attempt_id, A_FAILED, code, now, FAILED, outcome.reason, oom=outcome.oom)
+        event = Event(now, "fail", name, f"{name} failed ({outcome.reason}) after {took} on {where}; log: {log}")
+        self.store.end_attempt(r.attempt_id, A_FAILED, code, now, FAILED, outcome.reason, oom=outcome.oom, event=event, usage=usage)
         self.states[name] = FAILED
-        self._event("fail", name, f"{name} failed ({outcome.reason}) after {took} on {where}; log: {log}")
 
     def _mark_doomed(self) -> None:
         doomed = policy.doomed(self._requests(), {n: _TO_POLICY[s] for n, s in self.states.items()})

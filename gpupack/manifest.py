@@ -25,6 +25,7 @@ Rules beyond the design's text, each preventing a failure seen later at run time
 
 from __future__ import annotations
 
+import bisect
 import difflib
 import fnmatch
 import hashlib
@@ -682,6 +683,8 @@ class _Expansion:
     def __init__(self, problems: _Problems, run_dir: Path, workdir: Path, phases: list[Phase]):
         self.problems, self.run_dir, self.workdir, self.phases = problems, run_dir, workdir, phases
         self.globs: dict[str, list[str]] = {}
+        self.sorted_names: list[str] = []
+        self.order: dict[str, int] = {}
 
     def run(self, specs: list[_Spec]) -> tuple[Experiment, ...]:
         records: dict[str, tuple[_Spec, dict[str, Any], list[str]]] = {}
@@ -694,9 +697,13 @@ class _Expansion:
                 self._one(spec, dict(zip((k for k, _ in spec.grid), combo)), records)
         if not all_named:
             return ()  # dependency checks against a partial list of names would mislead
+        self.sorted_names, self.order = sorted(records), {n: i for i, n in enumerate(records)}
         graph = {name: self._resolve(name, spec, patterns, records) for name, (spec, _, patterns) in records.items()}
         for cycle in _cycles(graph):
-            self.problems.add(_label(cycle[0]), "depends_on", "dependency cycle: " + " -> ".join(map(_label, cycle)))
+            shown = list(map(_label, cycle))
+            if len(shown) > 12:  # one line, even for a cycle through thousands
+                shown = [*shown[:5], f"... ({len(shown) - 10} more)", *shown[-5:]]
+            self.problems.add(shown[0], "depends_on", "dependency cycle: " + " -> ".join(shown))
         return tuple(
             Experiment(depends_on=graph[name], order=i, **built)
             for i, (name, (_, built, _)) in enumerate(records.items())
@@ -750,7 +757,7 @@ class _Expansion:
             elif pattern in records:  # exact, even when the name holds glob characters
                 deps[pattern] = None
             elif any(c in pattern for c in "*?["):
-                matched = [n for n in self._glob(pattern, records) if n != name]
+                matched = [n for n in self._glob(pattern) if n != name]
                 if not matched:
                     self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no other experiment")
                 deps.update(dict.fromkeys(matched))
@@ -767,11 +774,20 @@ class _Expansion:
                                   f"which waits at a barrier for phase {_label(spec.phase.name)} to end: deadlock")
         return tuple(deps)
 
-    def _glob(self, pattern: str, records: dict[str, Any]) -> list[str]:
-        # Cached: a grid repeats each substituted pattern, and every match scans all names.
+    def _glob(self, pattern: str) -> list[str]:
+        """Names matching `pattern`, in manifest order. Only names sharing its literal prefix are
+        tried: a grid substitutes a distinct pattern per expansion ("train-{seed}-*"), and a scan
+        of all names for each would be quadratic in 100,000 expansions."""
         if pattern not in self.globs:
             match = re.compile(fnmatch.translate(pattern)).match  # case-sensitive, unlike fnmatch.filter
-            self.globs[pattern] = [n for n in records if match(n)]
+            prefix = re.split(r"[*?[]", pattern, maxsplit=1)[0]
+            names, found = self.sorted_names, []
+            i = bisect.bisect_left(names, prefix)
+            while i < len(names) and names[i].startswith(prefix):
+                if match(names[i]):
+                    found.append(names[i])
+                i += 1
+            self.globs[pattern] = sorted(found, key=self.order.__getitem__)
         return self.globs[pattern]
 
 

@@ -290,6 +290,8 @@ def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
     handles = [Patch(facecolor=colours[p], edgecolor="black", label=p) for p in phases]
     handles += [Patch(facecolor="white", edgecolor="black", hatch="xx", label="failed"),
                 Patch(facecolor="white", edgecolor="black", hatch="//", label="interrupted")]
+    if len(facts.windows) > 1:
+        handles.append(Patch(facecolor="0.85", label="no allocation"))
     lanes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     overall = summary["overall"]
     lanes.set_title(

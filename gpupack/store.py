@@ -1,7 +1,6 @@
 """The run's state: one SQLite database (WAL) in the run directory, the only persistence.
 
-Every state change is its own committed transaction (synchronous=FULL) before the engine acts
-on it, so a scheduler killed at any moment leaves a database that says exactly what was
+Every state change is its own committed transaction before the engine acts on it, so a scheduler killed at any moment leaves a database that says exactly what was
 launched (with its process group) and what ended. Readers (`status`, `watch`, `report`) open
 it read-only while a run goes on.
 
@@ -154,6 +153,22 @@ class EventRow:
     message: str
 
 
+@dataclass(frozen=True)
+class Event:
+    t: float
+    kind: str
+    experiment: str | None
+    message: str
+
+
+def _insert_event(db: sqlite3.Connection, event: Event | None) -> None:
+    if event is not None:
+        db.execute(
+            "INSERT INTO events (t, kind, experiment, message) VALUES (?, ?, ?, ?)",
+            (event.t, event.kind, event.experiment, event.message),
+        )
+
+
 def _gpus_text(gpus: Sequence[int]) -> str:
     return ",".join(str(g) for g in gpus)
 
@@ -177,7 +192,10 @@ class Store:
             else:
                 self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute("PRAGMA synchronous=FULL")
+                # NORMAL in WAL mode: every commit survives a crash (kill -9) of gpupack; only a
+                # power loss of the node could lose the last ones, and recovery handles that
+                # like a scheduler death. FULL would cost an fsync per state change.
+                self._db.execute("PRAGMA synchronous=NORMAL")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
@@ -321,9 +339,10 @@ class Store:
             db.execute("UPDATE experiments SET state = ?, reason = NULL WHERE name = ?", (RUNNING, name))
             return int(cur.lastrowid or 0)
 
-    def attempt_launched(self, attempt_id: int, pgid: int) -> None:
+    def attempt_launched(self, attempt_id: int, pgid: int, event: Event | None = None) -> None:
         with self.transaction() as db:
             db.execute("UPDATE attempts SET state = ?, pgid = ? WHERE id = ?", (A_RUNNING, pgid, attempt_id))
+            _insert_event(db, event)
 
     def end_attempt(
         self,
@@ -335,13 +354,19 @@ class Store:
         reason: str | None = None,
         oom: bool = False,
         note: str | None = None,
+        event: Event | None = None,
+        usage: tuple[int | None, float | None] | None = None,
     ) -> None:
-        """Close the attempt and move its experiment in one transaction."""
+        """Close the attempt (with its final peak memory and mean utilization), move its
+        experiment and say so, in one transaction."""
         with self.transaction() as db:
+            _insert_event(db, event)
             db.execute(
                 "UPDATE attempts SET state = ?, exit_code = ?, ended_at = ?, oom = ?, note = ? WHERE id = ?",
                 (attempt_state, exit_code, now, int(oom), note, attempt_id),
             )
+            if usage is not None:
+                db.execute("UPDATE attempts SET peak_bytes = ?, mean_util = ? WHERE id = ?", (*usage, attempt_id))
             db.execute(
                 "UPDATE experiments SET state = ?, reason = ? WHERE name ="
                 " (SELECT experiment FROM attempts WHERE id = ?)",
@@ -386,10 +411,7 @@ class Store:
 
     def event(self, kind: str, experiment: str | None, message: str, now: float | None = None) -> None:
         with self.transaction() as db:
-            db.execute(
-                "INSERT INTO events (t, kind, experiment, message) VALUES (?, ?, ?, ?)",
-                (time.time() if now is None else now, kind, experiment, message),
-            )
+            _insert_event(db, Event(time.time() if now is None else now, kind, experiment, message))
 
     def events(self, after_id: int = 0, limit: int | None = None) -> list[EventRow]:
         query = "SELECT id, t, kind, experiment, message FROM events WHERE id > ? ORDER BY id"

@@ -62,7 +62,7 @@ def test_job_log_is_plain_lines_and_snapshots(run_dir: Path, tmp_path: Path) -> 
     writer.close()
 
 
-def test_job_log_shows_only_this_runs_events(run_dir: Path) -> None:
+def test_a_new_run_shows_only_its_own_events_and_readings(run_dir: Path) -> None:
     writer = Store(run_dir / "state.db")
     writer.begin_run(1, "h", "4243", "n1:0:1,n1:1:1", T0 + 9000)
     writer.event("info", None, "requeued: skipping 5 succeeded experiments", T0 + 9001)
@@ -71,6 +71,10 @@ def test_job_log_shows_only_this_runs_events(run_dir: Path) -> None:
     board.start(T0 + 9002)
     events = [line for line in buf.getvalue().splitlines() if EVENT_LINE.match(line)]
     assert len(events) == 1 and events[0].endswith("requeued: skipping 5 succeeded experiments")
+    # the last reading is from the earlier allocation: unknown now, not 90 %
+    assert [line for line in buf.getvalue().splitlines() if line.startswith("gpu1 ")] == [
+        "gpu1 |   ?            |            ?/80.0 GB | probe-l1 (10.0 GB/20.0 GB)"
+    ]
     writer.close()
 
 
@@ -178,5 +182,5 @@ def test_gpupack_run_writes_a_plain_job_log(write_manifest: Callable[[str], Path
         assert len([line for line in lines if EVENT_LINE.match(line) and f" {name} succeeded" in line]) == 1
     headers = [line for line in lines if line.startswith("=== ")]
     assert len(headers) == 2 and "| joblog |" in headers[0]  # the first and the final snapshot
-    assert lines[lines.index(headers[1]) + 2].startswith("only  | #################### |  2/2 |")
+    assert lines[lines.index(headers[1]) + 3].startswith("only  | #################### |  2/2 |")
     assert (tmp_path / "runs" / "joblog" / "report" / "report.html").is_file()

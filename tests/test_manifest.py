@@ -177,8 +177,16 @@ def test_unicode_names_and_glob_like_exact_names(tmp_path: Path) -> None:
 
 
 def test_glob_excludes_itself_and_duplicates_collapse(tmp_path: Path) -> None:
-    text = manifest(exp("t-{s}", grid={"s": [1, 2]}), exp("t-x", depends_on=["t-*", "t-1"]))
-    assert load(write(tmp_path, text)).experiments[-1].depends_on == ("t-1", "t-2")
+    text = manifest(exp("t-{s}", grid={"s": [2, 1]}), exp("t-x", depends_on=["t-*", "t-1"]), exp("y", depends_on="*-1"))
+    m = load(write(tmp_path, text))
+    assert m.experiments[-2].depends_on == ("t-2", "t-1")  # manifest order, not sorted
+    assert m.experiments[-1].depends_on == ("t-1",)
+
+
+def test_yaml_sexagesimal_time_is_seconds(tmp_path: Path) -> None:
+    # Unquoted 1:30:00 is YAML 1.1's base-60 integer 5400: the seconds Slurm would read.
+    text = "name: r\nphases: [{name: p, experiments: [{name: e, cmd: x, time: 1:30:00}]}]\n"
+    assert load(write(tmp_path, text)).experiments[0].time_s == 5400
 
 
 def test_yaml_merge_keys_are_not_duplicate_keys(tmp_path: Path) -> None:
@@ -448,6 +456,14 @@ def test_missing_name_and_phases(tmp_path: Path) -> None:
 def test_expansion_errors(tmp_path: Path, experiments: list[dict[str, Any]], expected: list[str]) -> None:
     found = problems(tmp_path, manifest(*experiments))
     assert len(found) == len(expected) and all(f.startswith(e) for f, e in zip(found, expected)), found
+
+
+def test_long_dependency_cycle_is_found_without_recursion(tmp_path: Path) -> None:
+    n = 1500  # deeper than Python's recursion limit
+    chain = [exp(f"c{i}", depends_on=f"c{(i + 1) % n}") for i in range(n)]
+    assert only_problem(tmp_path, manifest(*chain)) == (
+        "c0: depends_on: dependency cycle: c0 -> c1 -> c2 -> c3 -> c4 -> ... (1491 more) -> c1496 -> c1497 -> c1498 -> c1499 -> c0"
+    )
 
 
 def test_duplicate_across_phases_names_both_origins(tmp_path: Path) -> None:
