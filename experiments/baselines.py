@@ -82,6 +82,7 @@ def lora(args: Any, run: common.Run, task: common.Task, tok: Any) -> dict[str, A
         "trainable_params": sum(x.numel() for x in model.parameters() if x.requires_grad),
         "total_params": sum(x.numel() for x in model.parameters()),
         "resumed_from": outcome.resumed_from,
+        "s_per_step": outcome.s_per_step,
     }
 
 

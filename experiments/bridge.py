@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trainable_params": sum(x.numel() for x in model.parameters() if x.requires_grad),
         "total_params": sum(x.numel() for x in model.parameters()),
         "resumed_from": outcome.resumed_from,
+        "s_per_step": outcome.s_per_step,
     })
 
 

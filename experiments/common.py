@@ -172,8 +172,8 @@ def word_tokenizer(data_dir: Path = DATA_DIR) -> Any:
 
 
 def load_tokenizer(model: str, data_dir: Path = DATA_DIR) -> Any:
-    """The word tokenizer for a tiny preset, else the model's own tokenizer (from_pretrained)."""
-    if is_preset(model):
+    """The word tokenizer for a tiny preset or random: model, else the model's own (from_pretrained)."""
+    if is_preset(model) or is_random(model):
         return word_tokenizer(data_dir)
     from transformers import AutoTokenizer
 
@@ -181,6 +181,14 @@ def load_tokenizer(model: str, data_dir: Path = DATA_DIR) -> Any:
     if tok.pad_token is None:  # decoder-only tokenizers (GPT-2, Llama) have none
         tok.pad_token = tok.eos_token
     return tok
+
+
+RANDOM = "random:"
+
+
+def is_random(model: str) -> bool:
+    """random:<hub id or path>: that model's architecture with random weights (models.py)."""
+    return model.startswith(RANDOM)
 
 
 def is_preset(model: str) -> bool:
@@ -201,15 +209,18 @@ def encode(tokenizer: Any, texts: Sequence[str], max_len: int, device: torch.dev
 
 def finish(args: argparse.Namespace, run: Run, metrics: Mapping[str, Any]) -> dict[str, Any]:
     """Write {out}/results.json: the metrics, the config that produced them, and provenance."""
+    cuda = run.device.type == "cuda"
     results = {
         **metrics,
         "wall_s": round(time.time() - run.started_s, 3),
+        # What the caching allocator held at most: NVML shows this plus the CUDA context.
+        "peak_gpu_mem_bytes": torch.cuda.max_memory_reserved() if cuda else None,
         # results.py reads everything outside "config" as metrics.
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
         | {"runtime": {
             "script": Path(sys.argv[0]).name,
             "device": str(run.device),
-            "gpu": torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
+            "gpu": torch.cuda.get_device_name(run.device) if cuda else None,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "attempt": job.attempt(),

@@ -13,8 +13,8 @@ Timings are only meaningful when nothing else shares the device: manifests mark 
 experiments exclusive.
 
 results.json: bridge_ms and text_ms {median, p90, mean, min}, speedup (text median / bridge
-median), throughput (examples/s at the bridge median), soft_tokens, peak_mem_bytes (CUDA;
-null on the CPU), wall_s, config.
+median), throughput (examples/s at the bridge median), soft_tokens, peak_gpu_mem_bytes
+(null on the CPU), wall_s, config.
 """
 
 from __future__ import annotations
@@ -79,12 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mask = torch.ones_like(ids)
     text_ids = ids % int(model.receiver.config.vocab_size)
 
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
     with torch.inference_mode():
         bridge = summary(time_ms(lambda: model(ids, mask), args.warmup, args.iters, run.device))
         text = summary(time_ms(lambda: model.receiver(input_ids=text_ids, attention_mask=mask), args.warmup, args.iters, run.device))
-    peak = torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None
     common.log(f"compression {args.compression:g} batch {args.batch_size}: bridge median {bridge['median']:.2f} ms "
                f"p90 {bridge['p90']:.2f} ms; text median {text['median']:.2f} ms")
     return common.finish(args, run, {
@@ -93,7 +90,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "speedup": text["median"] / bridge["median"],
         "throughput": args.batch_size / (bridge["median"] / 1e3),
         "soft_tokens": soft_tokens,
-        "peak_mem_bytes": peak,
     })
 
 

@@ -1,8 +1,11 @@
 """Models of the experiments: tiny presets built from configs, hub models, and the bridge.
 
 A model argument is either a tiny preset, `tiny-<family>-<size>`, built from a transformers
-config with random weights seeded by --seed (no download, CPU-fast), or anything else,
-which goes to from_pretrained as a hub id or a local path (the real loading code):
+config with random weights seeded by --seed (no download, CPU-fast); or `random:<id or path>`,
+the architecture of a real model (its config.json: experiments/configs/ holds those of
+h100x4.yaml) with random weights, for measuring memory and time without the weights; or
+anything else, which goes to from_pretrained as a hub id or a local path (the real loading
+code). Presets and random: models read text through the word tokenizer of common.py.
 
     family  bert (encoder), gpt2 (decoder), t5 (encoder-decoder)
     size    small  hidden 32, 2 layers, 2 heads
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from common import is_preset
+from common import RANDOM, is_preset, is_random
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,19 @@ def _config(family: str, s: Size, vocab_size: int, **extra: Any) -> Any:
 
 
 def _load(name: str, vocab_size: int, dtype: torch.dtype, preset: dict[str, str], auto: str, **config: Any) -> nn.Module:
-    """Build preset `name` with the class preset[family], or auto.from_pretrained(name).
-
-    `config` goes into the preset's config, or to from_pretrained (num_labels, ...).
+    """Build preset `name` with the class preset[family]; or a random:<config> model; or
+    auto.from_pretrained(name). `config` goes into the built config, or to from_pretrained
+    (num_labels, ...).
     """
     import transformers as tf
 
+    if is_random(name):
+        cfg = tf.AutoConfig.from_pretrained(name.removeprefix(RANDOM))
+        for key, value in config.items():
+            setattr(cfg, key, value)
+        # Built where it will run: an 8B model's random init on the CPU takes minutes.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            return getattr(tf, auto).from_config(cfg, dtype=dtype)
     if not is_preset(name):
         return getattr(tf, auto).from_pretrained(name, dtype=dtype, **config)
     family, size = parse_preset(name)

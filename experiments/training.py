@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from common import log
 from gpupack import job
 
 CHECKPOINT = "checkpoint.pt"
+WARMUP_STEPS = 3  # not timed: CUDA allocations and kernel selection happen in the first steps
 # Arguments that do not change what step N computes: a resumed attempt may differ in them.
 # The learning rate does not depend on the total number of steps, so a run can be extended
 # by resuming it with a larger --steps.
@@ -62,6 +64,7 @@ class LoopSpec:
 class Outcome:
     resumed_from: int  # the checkpoint's step, 0 for a fresh start
     losses: tuple[tuple[int, float], ...]  # (step, mean loss since the previous log line)
+    s_per_step: float | None  # mean wall time of this attempt's steps after the first 3 (warm-up)
 
     @property
     def final_loss(self) -> float:
@@ -109,7 +112,10 @@ def train(
 
     wrapped.train()
     window: list[float] = []
+    timed_from: tuple[int, float] | None = None
     for step in range(start, spec.steps):
+        if step == start + WARMUP_STEPS:
+            timed_from = (step, time.perf_counter())
         if _should_stop(stop, accelerator):
             save(step)
             say(f"preempted at step {step}: checkpoint saved to {ckpt_path}")
@@ -136,7 +142,10 @@ def train(
     if start < spec.steps or not ckpt_path.exists():
         save(spec.steps)  # a kill during evaluation resumes straight into evaluation
     wrapped.eval()
-    return Outcome(start, tuple((int(s), float(v)) for s, v in history))
+    s_per_step = None
+    if timed_from is not None and spec.steps > timed_from[0]:
+        s_per_step = (time.perf_counter() - timed_from[1]) / (spec.steps - timed_from[0])
+    return Outcome(start, tuple((int(s), float(v)) for s, v in history), s_per_step)
 
 
 def _should_stop(stop: threading.Event, accelerator: Any | None) -> bool:

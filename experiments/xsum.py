@@ -49,7 +49,8 @@ def parse(argv: list[str] | None) -> Any:
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     args = parse(argv)
     if args.method == "seq2seq":
-        nproc = args.nproc or max(1, torch.cuda.device_count())
+        gpus = torch.cuda.device_count() if args.device != "cpu" else 0
+        nproc = args.nproc or max(1, gpus)
         code = spawn.workers(nproc)
         if code is not None:
             raise SystemExit(code)
@@ -122,6 +123,7 @@ def seq2seq(args: Any, run: common.Run, task: common.Task) -> tuple[list[str] | 
     return ordered, {
         "loss": {"final": outcome.final_loss, "curve": [list(x) for x in outcome.losses]},
         "resumed_from": outcome.resumed_from,
+        "s_per_step": outcome.s_per_step,
         "world_size": world,
     }
 

@@ -178,7 +178,7 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
 
 def plan(manifest_path: Path, gpus: str | None, as_json: bool, out: IO[str], console: Console) -> int:
     manifest = _load_manifest(manifest_path)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "name": e.name,
             "phase": e.phase,

@@ -199,12 +199,13 @@ class Engine:
             return  # the wake-up fd already woke the loop
         self.signals_seen += 1
         if self.stop_reason is None:
-            self.stop_reason = {
+            reasons: dict[int, str] = {
                 signal.SIGUSR1: "allocation ending (USR1)",
                 signal.SIGTERM: "terminated (TERM)",
                 signal.SIGINT: "interrupted (INT)",
                 signal.SIGHUP: "hung up (HUP)",
-            }.get(signum, f"signal {signum}")
+            }
+            self.stop_reason = reasons.get(signum, f"signal {signum}")
 
     def _sleep(self, timeout_s: float) -> None:
         if self.stop_reason is not None and timeout_s > 0.2:

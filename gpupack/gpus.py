@@ -132,7 +132,9 @@ class NvmlProbe:
 
     def __init__(self, node: str, nvml: Any = None, env: Mapping[str, str] | None = None):
         if nvml is None:
-            import pynvml as nvml  # nvidia-ml-py
+            import pynvml  # nvidia-ml-py
+
+            nvml = pynvml
         self._nvml = nvml
         self._node = node
         nvml.nvmlInit()

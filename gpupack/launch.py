@@ -17,7 +17,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from .slurm import GpuMode
 
 # $1 = exit file, the rest = the command. The trap keeps the wrapper alive through the preempt
 # signal so that it can record the command's status; `:` traps are not inherited by the command.
@@ -166,7 +169,7 @@ class SrunLauncher(LocalLauncher):
     kind = "srun"
     WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
-    def __init__(self, mode: str, node_gpus: int | None = None, max_steps_per_s: int = 5):
+    def __init__(self, mode: GpuMode, node_gpus: int | None = None, max_steps_per_s: int = 5):
         from .slurm import StepThrottle
 
         self.mode = mode
@@ -180,9 +183,9 @@ class SrunLauncher(LocalLauncher):
         return srun_argv(
             name=spec.name,
             node=spec.node,
-            gpu_indices=spec.cuda_ids,  # type: ignore[arg-type]  # tokens of CUDA_VISIBLE_DEVICES
+            gpu_indices=spec.cuda_ids,  # what CUDA_VISIBLE_DEVICES says, not positions
             cpus=spec.cpus,
-            mode=self.mode,  # type: ignore[arg-type]
+            mode=self.mode,
             inner_argv=["bash", "-c", spec.cmd],
             node_gpus=self.node_gpus,
         )

@@ -296,15 +296,16 @@ def _compile(text: str, allowed: tuple[str, ...], name_field: bool = False) -> _
             continue
         written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
         shell = " (write $VAR, or ${{VAR}} for a shell variable)" if literal.endswith("$") else ""
+        spec = spec or ""
         # A width of 4+ digits is a typo, and {x:1000000000} would build a 1 GB string.
-        if conversion or "{" in (spec or "") or re.search(r"\d{4}", spec or "") or not _PLACEHOLDER_RE.fullmatch(name):
+        if conversion or "{" in spec or re.search(r"\d{4}", spec) or not _PLACEHOLDER_RE.fullmatch(name):
             raise ValueError(f"bad placeholder {_show(written)}: only {{key}} or {{key:spec}}; "
                              f"write {{{{ and }}}} for literal braces{shell}")
         if name not in allowed:
             if name_field and name in BUILTIN_PLACEHOLDERS:
                 raise ValueError(f"placeholder {{{name}}} can't be used in the name (it is made from the name)")
             raise ValueError(f"unknown placeholder {_show(written)}{shell}{_nearest(name, list(allowed))}")
-        pieces.append((literal, name, spec or ""))
+        pieces.append((literal, name, spec))
     plain = None
     if not any(spec for _, _, spec in pieces):
         plain = "".join(lit.replace("{", "{{").replace("}", "}}") + (f"{{{f}}}" if f else "") for lit, f, _ in pieces)
@@ -437,7 +438,7 @@ class _Loader(yaml.SafeLoader):
                 key = (key_node.tag, key_node.value)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                        None, None, f"duplicate key {_show(key_node.value)}", key_node.start_mark
                     )
                 seen.add(key)
         return super().construct_mapping(node, deep)

@@ -370,7 +370,7 @@ def srun_argv(
     *,
     name: str,
     node: str,
-    gpu_indices: tuple[int, ...],
+    gpu_indices: Sequence[int | str],
     cpus: int,
     mode: GpuMode,
     inner_argv: Sequence[str],
@@ -418,7 +418,7 @@ def gpu_mode(config_text: str | None, override: str | None = None) -> GpuMode:
             raise ValueError(
                 f"GPU mode {override!r} is not one of auto, {', '.join(GPU_MODES)}"
             )
-        return override  # type: ignore[return-value]
+        return override
     if config_text is None:
         return "overlap"
     conf = dict(

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .store import Store
+from .store import AttemptRow, Store
 
 
 def status_data(store: Store, run_name: str) -> dict[str, Any]:
     """{"run": name, "experiments": [{name, phase, state, attempts, gpus, node, started_at,
     ended_at, exit_code}]}; gpus/node/times/exit_code are those of the latest attempt."""
-    latest: dict[str, Any] = {}
+    latest: dict[str, AttemptRow] = {}
     counts: dict[str, int] = {}
     for attempt in store.attempts():
         latest[attempt.experiment] = attempt
@@ -21,18 +21,18 @@ def status_data(store: Store, run_name: str) -> dict[str, Any]:
     for row in store.experiments():
         if not row.in_manifest:
             continue
-        attempt = latest.get(row.name)
+        last = latest.get(row.name)
         experiments.append(
             {
                 "name": row.name,
                 "phase": row.phase,
                 "state": row.state,
                 "attempts": counts.get(row.name, 0),
-                "gpus": list(attempt.gpus) if attempt else [],
-                "node": attempt.node if attempt else None,
-                "started_at": attempt.started_at if attempt else None,
-                "ended_at": attempt.ended_at if attempt else None,
-                "exit_code": attempt.exit_code if attempt else None,
+                "gpus": list(last.gpus) if last else [],
+                "node": last.node if last else None,
+                "started_at": last.started_at if last else None,
+                "ended_at": last.ended_at if last else None,
+                "exit_code": last.exit_code if last else None,
                 "reason": row.reason,
             }
         )

@@ -54,7 +54,7 @@ def strict_json(path: Path) -> dict[str, Any]:
 def run(script: str, out: Path, *args: str) -> dict[str, Any]:
     """main(argv) of experiments/<script>.py; returns its results.json, checked to be valid."""
     module = importlib.import_module(script)
-    module.main([*args, "--out", str(out), "--threads", "1"])
+    module.main([*args, "--out", str(out), "--threads", "1", "--device", "cpu"])
     results = strict_json(out / "results.json")
     assert results["config"]["seed"] is not None and results["wall_s"] >= 0
     return results
@@ -141,7 +141,7 @@ def test_zeroshot_scores_labels_like_a_full_forward(tmp_path: Path) -> None:
 
 def test_latency_cell(tmp_path: Path) -> None:
     r = run("latency", tmp_path, "--compression", "8", "--batch-size", "4", "--seq-len", "32", "--warmup", "1", "--iters", "5")
-    assert r["soft_tokens"] == 4 and r["peak_mem_bytes"] is None  # CPU
+    assert r["soft_tokens"] == 4 and r["peak_gpu_mem_bytes"] is None  # CPU
     for stats in (r["bridge_ms"], r["text_ms"]):
         assert 0 < stats["min"] <= stats["median"] <= stats["p90"]
     assert r["throughput"] == pytest.approx(4 / (r["bridge_ms"]["median"] / 1e3))
@@ -180,7 +180,8 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float) -> None:
 def test_preempted_run_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "exp"
     env = os.environ | {"GPUPACK_OUT": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    common = ["--max-len", "16", "--batch-size", "16", "--ckpt-every", "10", "--log-every", "10", "--max-test", "64"]
+    common = ["--max-len", "16", "--batch-size", "16", "--ckpt-every", "10", "--log-every", "10", "--max-test", "64",
+              "--device", "cpu"]  # bit-for-bit equality below holds on the CPU
     cmd = [sys.executable, str(EXPERIMENTS / "bridge.py"), *common]
     # So many steps that it can only end by the signal.
     proc = subprocess.Popen([*cmd, "--steps", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -213,7 +214,7 @@ def test_two_rank_xsum_stops_together_and_resumes(tmp_path: Path) -> None:
     """DDP over gloo: the group gets the signal as gpupack sends it; every rank stops at one step."""
     out = tmp_path / "exp"
     env = os.environ | {"GPUPACK_OUT": str(out), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, str(EXPERIMENTS / "xsum.py"), "--nproc", "2", "--batch-size", "8", "--max-test", "8",
+    cmd = [sys.executable, str(EXPERIMENTS / "xsum.py"), "--nproc", "2", "--device", "cpu", "--batch-size", "8", "--max-test", "8",
            "--max-target", "12", "--ckpt-every", "5", "--log-every", "5"]
     proc = subprocess.Popen([*cmd, "--steps", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)

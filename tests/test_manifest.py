@@ -312,6 +312,7 @@ def test_experiment_field_errors(tmp_path: Path, fields: dict[str, Any], expecte
         ({"cmd": "{run[0]}"}, "cmd: bad placeholder '{run[0]}'"),
         ({"cmd": "{name!r}"}, "cmd: bad placeholder '{name!r}'"),
         ({"cmd": "{}"}, "cmd: bad placeholder '{}'"),
+        ({"cmd": "{name:>100000}"}, "cmd: bad placeholder '{name:>100000}'"),
         ({"cmd": "awk '{print $1}'"}, "cmd: bad placeholder '{print $1}'"),
         ({"cmd": "echo }"}, "cmd: bad braces in 'echo }': Single '}' encountered in format string (write {{ and }} for literal braces)"),
         ({"cmd": "echo {"}, "cmd: bad braces in 'echo {'"),

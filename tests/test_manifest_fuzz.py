@@ -18,7 +18,10 @@ from hypothesis import strategies as st
 from gpupack.manifest import Manifest, ManifestError, load
 
 CAPACITY = 80 * 10**9
-FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# No example database: it would leave .hypothesis/ in the work tree; a failure prints its reproducer.
+FUZZ = settings(
+    deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 BASE: dict[str, Any] = {
     "name": "fuzz",
