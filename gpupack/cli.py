@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in str(exc).splitlines():
             err.print(f"gpupack: error: {line}", markup=False)
         return exc.code
+    except sqlite3.Error as exc:  # a read outside the store's transactions (disk, corruption)
+        err.print(f"gpupack: error: state database: {exc}", markup=False)
+        return commands.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return commands.EXIT_STOPPED
     return 2

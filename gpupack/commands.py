@@ -124,10 +124,7 @@ def run(args: RunArgs, console: Console) -> int:
             hooks = engine_mod.Hooks()
         options = engine_mod.RunOptions(poll_s=args.poll_s, grace_s=args.grace_s, headroom_bytes=headroom)
         eng = engine_mod.Engine(manifest, store, probe, launcher, inventory, options, hooks)
-        try:
-            from .dashboard import Dashboard
-        except ImportError:  # TEMP until dashboard lands
-            Dashboard = _TempBoard  # type: ignore
+        from .dashboard import Dashboard
 
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
@@ -140,6 +137,12 @@ def run(args: RunArgs, console: Console) -> int:
                 store.event("warn", None, note)
             board.start()
             code = eng.run()
+        except StoreError as exc:
+            left = f", {len(eng.running)} experiment(s) left running" if eng.running else ""
+            raise GpupackError(
+                f"{exc}; gpupack stopped{left}: free the space or the lock, then `gpupack run` "
+                "again, it picks up where this one stopped"
+            ) from None
         finally:
             board.stop()
             eng.restore_signals(previous)
@@ -271,18 +274,14 @@ def results(run_dir: Path, by: Sequence[str] | None, fmt: str, out: IO[str]) -> 
     _open_store(run_dir).close()
     from . import results as results_mod
 
-    rows = results_mod.collect(run_dir)
-    out.write(results_mod.render(results_mod.aggregate(rows, list(by) if by else None), fmt))
-    if not sys.stdout.isatty():
-        out.flush()
+    problems: list[str] = []
+    rows = results_mod.collect(run_dir, problems)
+    for line in problems:
+        print(f"gpupack: warning: {line}", file=sys.stderr)
+    try:
+        table = results_mod.aggregate(rows, list(by) if by else None)
+    except ValueError as exc:
+        raise GpupackError(str(exc)) from None
+    out.write(results_mod.render(table, fmt))
     return EXIT_OK
 
-
-class _TempBoard:  # TEMP
-    def __init__(self, store, run_dir, console, live, log_every_s):
-        self.store, self.last = store, 0
-    def start(self): pass
-    def stop(self): self.refresh(0)
-    def refresh(self, now):
-        for ev in self.store.events(self.last):
-            print(ev.message, flush=True); self.last = ev.id

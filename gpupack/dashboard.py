@@ -121,10 +121,10 @@ def build_view(store: Store, now: float) -> View:
     latest: dict[GpuKey, tuple[float | None, int | None, int | None]] = {k: (None, None, t) for k, t in inventory.items()}
     started_at = _seconds(runs[-1]["started_at"]) if runs else None
     sampled_at = None
-    for t, node, index, util, used, total in store.gpu_samples():
+    for t, node, index, util, used, total in store.latest_gpu_samples():
         if started_at is not None and t < started_at:
             continue  # an earlier allocation's readings say nothing about these GPUs now
-        latest[(node, index)] = (util, used, total)  # rows come in time order: the last one wins
+        latest[(node, index)] = (util, used, total)
         sampled_at = t
     keys = list(inventory) + [k for k in sorted(latest) if k not in inventory]
     occupants: dict[GpuKey, list[Occupant]] = defaultdict(list)

@@ -40,6 +40,7 @@ from .store import (
     SUCCEEDED,
     ExperimentRow,
     Store,
+    StoreError,
 )
 from .units import format_bytes, format_duration
 
@@ -491,7 +492,10 @@ class Engine:
 
     def close(self, exit_code: int) -> None:
         if self.run_id is not None:
-            self.store.end_run(self.run_id, exit_code, self.clock())
+            try:
+                self.store.end_run(self.run_id, exit_code, self.clock())
+            except StoreError:
+                pass  # the run's end time is cosmetic; the error that stopped us is reported
         os.close(self._wake_r)
         os.close(self._wake_w)
 

@@ -57,11 +57,20 @@ class Handle:
 
     def poll(self) -> tuple[bool, int | None]:
         """(ended, exit code). An adopted group that vanished without an exit file has ended
-        with an unknown code (None)."""
+        with an unknown code (None).
+
+        When our wrapper has exited, whatever it left behind in its group (a forked child that
+        outlived the experiment, still holding GPU memory) is killed before the wrapper is
+        reaped: until then its pid, which is the group's id, cannot be reused."""
         if self.popen is not None:
-            code = self.popen.poll()
-            if code is None:
-                return False, None
+            if self.popen.returncode is None:
+                try:
+                    if os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                        return False, None
+                    self.signal(signal.SIGKILL)
+                except ChildProcessError:
+                    pass  # already reaped: the group id may be reused, so no kill
+            code = self.popen.wait()
             return True, (128 - code) if code < 0 else code
         if group_alive(self.pgid):
             return False, None

@@ -210,18 +210,28 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One committed write transaction; BEGIN IMMEDIATE takes the write lock up front."""
+        """One committed write transaction; BEGIN IMMEDIATE takes the write lock up front (and
+        waits up to timeout_s for another writer). Any SQLite failure, a full disk included,
+        rolls back and surfaces as one StoreError."""
         try:
             self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as exc:
+        except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback()
+            raise StoreError(f"{self.path}: {exc}") from None
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _rollback(self) -> None:
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # SQLite already rolled back (e.g. after a full disk)
 
     # --- runs ---------------------------------------------------------------------------
 
@@ -434,6 +444,15 @@ class Store:
 
     def gpu_samples(self) -> list[tuple[float, str, int, float | None, int | None, int]]:
         return list(self._db.execute("SELECT t, node, gpu, util, used_bytes, total_bytes FROM gpu_samples ORDER BY t"))
+
+    def latest_gpu_samples(self) -> list[tuple[float, str, int, float | None, int | None, int]]:
+        """The last reading of every GPU (the dashboard's GPU rows), without scanning history."""
+        return list(
+            self._db.execute(
+                "SELECT t, node, gpu, util, used_bytes, total_bytes FROM gpu_samples"
+                " WHERE t = (SELECT MAX(t) FROM gpu_samples) ORDER BY node, gpu"
+            )
+        )
 
     def set_meta(self, values: Mapping[str, str]) -> None:
         with self.transaction() as db:

@@ -16,7 +16,7 @@ from rich.console import Console
 
 from gpupack import dashboard
 from gpupack.status import status_data
-from gpupack.store import Store
+from gpupack.store import A_RUNNING, Store
 from conftest import ROOT, gpupack_env
 from test_report import NOW, T0, make_run  # the shared fixture run (tests/ is on sys.path)
 
@@ -88,7 +88,7 @@ def test_eta_spreads_work_left_over_gpus(run_dir: Path) -> None:
 
 def test_eta_learns_from_grid_siblings_when_time_is_unknown(run_dir: Path) -> None:
     store = Store(run_dir / "state.db", readonly=True)
-    running = store.attempts(states=["running"])
+    running = store.attempts(states=[A_RUNNING])
     unestimated = [replace(e, spec={**e.spec, "time_s": None}) if e.name == "bridge-trec-s3" else e for e in store.experiments()]
     # bridge-trec-s3 borrows the mean of its siblings' successes, (600+600+700+550+600)/5 = 610 s;
     # with probe-l1's 700 s left and probe-l2's 900 s: 2210 / 2 GPUs = 1105 s

@@ -20,7 +20,7 @@ import pytest
 
 from gpupack import report
 from gpupack.store import (
-    A_FAILED, A_SUCCEEDED, FAILED, PENDING, RUNNING, SUCCEEDED, ExperimentRow, Store,
+    A_FAILED, A_SUCCEEDED, FAILED, PENDING, SUCCEEDED, ExperimentRow, Store,
 )
 
 T0 = 1_700_000_000.0
