@@ -119,6 +119,7 @@ class Engine:
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self._last_sample = 0.0
         self._alloc_end: str | None = None
+        self.learned = Learned()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -151,6 +152,10 @@ class Engine:
                 a = found.attempt
                 keys = tuple((a.node, i) for i in a.gpus)
                 self.running[found.name] = Running(exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at)
+        for attempt in self.store.attempts(states=(A_SUCCEEDED,)):
+            exp = self.by_name.get(attempt.experiment)
+            if exp is not None and attempt.ended_at is not None:
+                self.learned.add(exp.template, attempt.ended_at - attempt.started_at, attempt.peak_bytes)
         rows_now = {r.name: r for r in self.store.experiments() if r.in_manifest}
         again: dict[str, tuple[str, str | None]] = {}
         for name, row in rows_now.items():
@@ -280,13 +285,18 @@ class Engine:
             self._sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
     def _requests(self) -> list[policy.Request]:
-        return [request_for(e, self._budget(e)) for e in self.manifest.experiments]
+        return [
+            request_for(e, self._budget(e), self.learned.time_s(e.template, e.time_s))
+            for e in self.manifest.experiments
+        ]
 
     def _budget(self, exp: Experiment) -> int | None:
+        """Declared mem, raised to what grid siblings were seen to use and after a CUDA OOM."""
+        budget = self.learned.mem_bytes(exp.template, exp.mem_bytes)
         raised = self.mem_override.get(exp.name)
         if raised is not None:
-            return raised if exp.mem_bytes is None else max(raised, exp.mem_bytes)
-        return exp.mem_bytes
+            return raised if budget is None else max(raised, budget)
+        return budget
 
     def _occupants(self, now: float, reading: Reading | None) -> dict[str, Occupant]:
         occupants: dict[str, Occupant] = {}
@@ -390,6 +400,7 @@ class Engine:
         where = _where_keys(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded:
+            self.learned.add(exp.template, now - r.started_at, r.peak_bytes or None)
             event = Event(now, "finish", name, f"{name} succeeded in {took} on {where}")
             self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED, event=event, usage=usage)
             self.states[name] = SUCCEEDED
@@ -503,12 +514,44 @@ class Engine:
         self.store.event(kind, name, message, self.clock())
 
 
-def request_for(e: Experiment, mem_bytes: int | None) -> policy.Request:
+def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = None) -> policy.Request:
     return policy.Request(
         name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
-        mem_bytes=mem_bytes, time_s=e.time_s, cpus=e.cpus, exclusive=e.exclusive,
+        mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
         resumable=e.resumable, depends_on=e.depends_on,
     )
+
+
+class Learned:
+    """Estimates learned from finished attempts of the same template family (grid siblings),
+    which share a command shape and so, usually, a duration and a memory footprint.
+
+    Time: the median wall time of the family's succeeded attempts replaces the declaration.
+    Memory: the family's largest observed peak raises the declaration (never lowers it: a
+    sibling that used less may have had a smaller grid value)."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, list[float]] = {}
+        self._peaks: dict[str, int] = {}
+
+    def add(self, template: str, duration_s: float | None, peak_bytes: int | None) -> None:
+        if duration_s is not None and duration_s >= 0:
+            self._times.setdefault(template, []).append(duration_s)
+        if peak_bytes:
+            self._peaks[template] = max(self._peaks.get(template, 0), peak_bytes)
+
+    def time_s(self, template: str, declared: float | None) -> float | None:
+        times = self._times.get(template)
+        if not times:
+            return declared
+        ordered = sorted(times)
+        return ordered[len(ordered) // 2]
+
+    def mem_bytes(self, template: str, declared: int | None) -> int | None:
+        peak = self._peaks.get(template)
+        if peak is None or declared is None:
+            return declared  # an unknown need stays "alone on a GPU" until declared
+        return max(declared, peak)
 
 
 def _wait_killed(handle: Handle, timeout_s: float = 10.0) -> int | None:

@@ -377,3 +377,17 @@ def test_status_json_contract(write_manifest, tmp_path):
         assert key in row
     assert row["state"] == "succeeded" and row["exit_code"] == 0 and row["ended_at"] >= row["started_at"]
     assert os.path.exists(tmp_path / "runs" / "contract" / "manifest.yaml")
+
+
+def test_estimates_are_learned_from_grid_siblings():
+    from gpupack.engine import Learned
+
+    learned = Learned()
+    assert learned.time_s("train-{seed}", 3600.0) == 3600.0  # nothing learned yet: the declaration
+    for duration in (100.0, 300.0, 200.0):
+        learned.add("train-{seed}", duration, 30 * 10**9)
+    assert learned.time_s("train-{seed}", 3600.0) == 200.0  # the median of the family
+    assert learned.time_s("other", None) is None
+    assert learned.mem_bytes("train-{seed}", 20 * 10**9) == 30 * 10**9  # raised to the observed peak
+    assert learned.mem_bytes("train-{seed}", 40 * 10**9) == 40 * 10**9  # never lowered
+    assert learned.mem_bytes("train-{seed}", None) is None  # unknown stays "alone on a GPU"
