@@ -2,11 +2,11 @@
 
 import sys
 
-from . import early
+from . import signals
 
 
 def entry() -> None:
-    early.catch_stop_signals()  # before the heavy imports: a USR1/TERM during start-up is not fatal
+    signals.catch_stop_signals()  # before the heavy imports: a USR1/TERM during start-up is not fatal
     from .cli import main
 
     sys.exit(main())

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from . import commands
 from .commands import GpupackError
+from .signals import default_stop_signals
 
 EPILOG = """exit codes: 0 all succeeded, 1 some failed, 2 bad input or run directory busy,
 3 stopped early (preempted / allocation ending; the next run resumes)"""
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
-        _default_signals()
+        default_stop_signals()
     console = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
@@ -119,16 +120,6 @@ def _run_argv(argv: Sequence[str] | None) -> list[str]:
     """What followed `run` on the command line (resubmission repeats it)."""
     words = list(sys.argv[1:] if argv is None else argv)
     return words[words.index("run") + 1 :] if "run" in words else words
-
-
-def _default_signals() -> None:
-    """Only `run` handles stop signals itself; other commands die of them as usual."""
-    import signal
-
-    from .early import STOP_SIGNALS
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

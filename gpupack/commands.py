@@ -129,7 +129,7 @@ def run(args: RunArgs, console: Console) -> int:
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
         eng.on_tick = board.refresh
-        previous = eng.install_signals()
+        eng.signals.install()
         code = EXIT_FAILED
         try:
             eng.prepare()
@@ -145,7 +145,6 @@ def run(args: RunArgs, console: Console) -> int:
             ) from None
         finally:
             board.stop()
-            eng.restore_signals(previous)
             eng.close(code)
         if args.report:
             _write_report(manifest.run_dir, console)

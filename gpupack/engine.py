@@ -10,23 +10,20 @@ job when work is left, and exits 3. A second signal skips the rest of the grace 
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType
-from typing import Any
 
-from . import early, policy, recovery
+from . import policy, recovery
 from .gpus import GpuInfo, GpuProbe, Reading
 from .launch import Handle, LaunchSpec, Launcher, experiment_env
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
+from .signals import StopSignals
 from .store import (
     Event,
     A_FAILED,
@@ -112,17 +109,13 @@ class Engine:
         self.failures: dict[str, int] = {}  # failed attempts in this run (retries are per run)
         self.oom_retries: dict[str, int] = {}
         self.mem_override: dict[str, int] = {}  # budgets raised after a CUDA OOM
-        self.stop_reason: str | None = None
-        self.signals_seen = 0
+        self.signals = StopSignals()
         self.run_id: int | None = None
         self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self._last_sample = 0.0
         self._alloc_end: str | None = None
         self.learned = Learned()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -182,50 +175,6 @@ class Engine:
         except OSError as exc:
             self._event("warn", None, f"could not copy the manifest into the run directory: {exc}")
 
-    # --- signals ---------------------------------------------------------------------------
-
-    def install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
-            previous[sig] = signal.signal(sig, self._on_signal)
-        previous[-1] = signal.set_wakeup_fd(self._wake_w)
-        for signum in early.received:  # arrived during start-up
-            self._on_signal(signum, None)
-        early.received.clear()
-        return previous
-
-    @staticmethod
-    def restore_signals(previous: dict[int, Any]) -> None:
-        signal.set_wakeup_fd(previous.pop(-1))
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGCHLD:
-            return  # the wake-up fd already woke the loop
-        self.signals_seen += 1
-        if self.stop_reason is None:
-            reasons: dict[int, str] = {
-                signal.SIGUSR1: "allocation ending (USR1)",
-                signal.SIGTERM: "terminated (TERM)",
-                signal.SIGINT: "interrupted (INT)",
-                signal.SIGHUP: "hung up (HUP)",
-            }
-            self.stop_reason = reasons.get(signum, f"signal {signum}")
-
-    def _sleep(self, timeout_s: float) -> None:
-        if self.stop_reason is not None and timeout_s > 0.2:
-            timeout_s = 0.2
-        try:
-            select.select([self._wake_r], [], [], max(0.0, timeout_s))
-        except InterruptedError:
-            pass
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
     # --- the loop ---------------------------------------------------------------------------
 
     def _time_left(self, now: float) -> float | None:
@@ -248,7 +197,7 @@ class Engine:
             # Read after reaping so the memory of what just ended is not counted as used.
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
-            if self.stop_reason is not None:
+            if self.signals.reason is not None:
                 return self._shutdown()
             self._mark_doomed()
             decision = policy.place(
@@ -277,12 +226,12 @@ class Engine:
                 idle_ticks += 1
                 if idle_ticks >= IDLE_TICKS_BEFORE_GIVING_UP or not self._pending():
                     return self._finish(decision)
-                self._sleep(min(self.options.poll_s, 1.0))
+                self.signals.sleep(min(self.options.poll_s, 1.0))
                 continue
             idle_ticks = 0
             adopted = any(r.handle.popen is None for r in self.running.values())
             soon = adopted or throttled
-            self._sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
+            self.signals.sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
     def _requests(self) -> list[policy.Request]:
         return [
@@ -407,7 +356,7 @@ class Engine:
             return
         if interrupted:
             event = Event(now, "interrupt", name, f"{name} interrupted after {took} on {where}")
-            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.stop_reason, event=event, usage=usage)
+            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.signals.reason, event=event, usage=usage)
             self.states[name] = INTERRUPTED
             return
         log = r.handle.log_path
@@ -447,19 +396,19 @@ class Engine:
     def _shutdown(self) -> int:
         """Preempt signal to everyone, wait for the grace period, kill the rest, requeue."""
         now = self.clock()
-        signals_at_stop = self.signals_seen
-        self._event("stop", None, f"stopping: {self.stop_reason}; {len(self.running)} running get the preempt signal")
+        signals_at_stop = self.signals.count
+        self._event("stop", None, f"stopping: {self.signals.reason}; {len(self.running)} running get the preempt signal")
         for r in self.running.values():
             r.handle.signal(self.options.preempt_signal)
         deadline = now + self.options.grace_s
-        while self.running and self.clock() < deadline and self.signals_seen == signals_at_stop:
+        while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
             for name in list(self.running):
                 r = self.running[name]
                 ended, code = r.handle.poll()
                 if ended:
                     self._ended(r, code, self.clock(), interrupted=True)
             if self.running:
-                self._sleep(min(0.5, max(0.0, deadline - self.clock())))
+                self.signals.sleep(min(0.5, max(0.0, deadline - self.clock())))
         for r in list(self.running.values()):
             r.handle.kill()
         for r in list(self.running.values()):
@@ -507,8 +456,7 @@ class Engine:
                 self.store.end_run(self.run_id, exit_code, self.clock())
             except StoreError:
                 pass  # the run's end time is cosmetic; the error that stopped us is reported
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self.signals.close()
 
     def _event(self, kind: str, name: str | None, message: str) -> None:
         self.store.event(kind, name, message, self.clock())

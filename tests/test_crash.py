@@ -9,7 +9,6 @@ import json
 import random
 import signal
 import sqlite3
-import time
 from collections import defaultdict
 from pathlib import Path
 
