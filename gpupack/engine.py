@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import policy, recovery
+from .estimates import Learned, oom_budget
 from .gpus import GpuInfo, GpuProbe, Reading
 from .launch import Handle, LaunchSpec, Launcher, experiment_env
 from .manifest import Experiment, Manifest
@@ -42,9 +43,8 @@ from .store import (
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
-MAX_OOM_RETRIES = 3
+MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
-OOM_GROWTH = 1.25
 
 _TO_POLICY = {
     PENDING: State.PENDING,
@@ -361,10 +361,9 @@ class Engine:
             return
         log = r.handle.log_path
         if outcome.oom and self.oom_retries.get(name, 0) < MAX_OOM_RETRIES and exp.gpus > 0:
-            total = min(self.total_bytes[k] for k in r.gpus) if r.gpus else 0
-            current = r.budget_bytes if r.budget_bytes is not None else total
-            raised = min(total, int(max(r.peak_bytes, current) * OOM_GROWTH))
-            if raised > current:
+            total = min(self.total_bytes[k] for k in r.gpus)
+            raised = oom_budget(r.budget_bytes, r.peak_bytes, total)
+            if raised is not None:
                 self.oom_retries[name] = self.oom_retries.get(name, 0) + 1
                 self.mem_override[name] = raised
                 event = Event(now, "oom", name, f"{name} ran out of GPU memory after {took} on {where}; retrying with mem {format_bytes(raised)}")
@@ -468,38 +467,6 @@ def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = Non
         mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
         resumable=e.resumable, depends_on=e.depends_on,
     )
-
-
-class Learned:
-    """Estimates learned from finished attempts of the same template family (grid siblings),
-    which share a command shape and so, usually, a duration and a memory footprint.
-
-    Time: the median wall time of the family's succeeded attempts replaces the declaration.
-    Memory: the family's largest observed peak raises the declaration (never lowers it: a
-    sibling that used less may have had a smaller grid value)."""
-
-    def __init__(self) -> None:
-        self._times: dict[str, list[float]] = {}
-        self._peaks: dict[str, int] = {}
-
-    def add(self, template: str, duration_s: float | None, peak_bytes: int | None) -> None:
-        if duration_s is not None and duration_s >= 0:
-            self._times.setdefault(template, []).append(duration_s)
-        if peak_bytes:
-            self._peaks[template] = max(self._peaks.get(template, 0), peak_bytes)
-
-    def time_s(self, template: str, declared: float | None) -> float | None:
-        times = self._times.get(template)
-        if not times:
-            return declared
-        ordered = sorted(times)
-        return ordered[len(ordered) // 2]
-
-    def mem_bytes(self, template: str, declared: int | None) -> int | None:
-        peak = self._peaks.get(template)
-        if peak is None or declared is None:
-            return declared  # an unknown need stays "alone on a GPU" until declared
-        return max(declared, peak)
 
 
 def _wait_killed(handle: Handle, timeout_s: float = 10.0) -> int | None:

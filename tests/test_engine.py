@@ -380,7 +380,7 @@ def test_status_json_contract(write_manifest, tmp_path):
 
 
 def test_estimates_are_learned_from_grid_siblings():
-    from gpupack.engine import Learned
+    from gpupack.estimates import Learned
 
     learned = Learned()
     assert learned.time_s("train-{seed}", 3600.0) == 3600.0  # nothing learned yet: the declaration

@@ -1,0 +1,46 @@
+"""Budgets and estimates that experience corrects: learned from grid siblings, and raised
+after a CUDA out-of-memory failure."""
+
+from __future__ import annotations
+
+OOM_GROWTH = 1.25  # after a CUDA OOM: 1.25x the observed peak (or the budget, if larger)
+
+
+def oom_budget(budget_bytes: int | None, peak_bytes: int, total_bytes: int) -> int | None:
+    """The per-GPU budget to retry a CUDA-OOM experiment with, at most the whole GPU; None when
+    it already had the whole GPU (a retry could not do better)."""
+    current = budget_bytes if budget_bytes is not None else total_bytes
+    raised = min(total_bytes, int(max(peak_bytes, current) * OOM_GROWTH))
+    return raised if raised > current else None
+
+
+class Learned:
+    """Estimates learned from finished attempts of the same template family (grid siblings),
+    which share a command shape and so, usually, a duration and a memory footprint.
+
+    Time: the median wall time of the family's succeeded attempts replaces the declaration.
+    Memory: the family's largest observed peak raises the declaration (never lowers it: a
+    sibling that used less may have had a smaller grid value)."""
+
+    def __init__(self) -> None:
+        self._times: dict[str, list[float]] = {}
+        self._peaks: dict[str, int] = {}
+
+    def add(self, template: str, duration_s: float | None, peak_bytes: int | None) -> None:
+        if duration_s is not None and duration_s >= 0:
+            self._times.setdefault(template, []).append(duration_s)
+        if peak_bytes:
+            self._peaks[template] = max(self._peaks.get(template, 0), peak_bytes)
+
+    def time_s(self, template: str, declared: float | None) -> float | None:
+        times = self._times.get(template)
+        if not times:
+            return declared
+        ordered = sorted(times)
+        return ordered[len(ordered) // 2]
+
+    def mem_bytes(self, template: str, declared: int | None) -> int | None:
+        peak = self._peaks.get(template)
+        if peak is None or declared is None:
+            return declared  # an unknown need stays "alone on a GPU" until declared
+        return max(declared, peak)
