@@ -265,6 +265,7 @@ class Engine:
                 cpus=r.exp.cpus,
                 node=self.inventory[0].node if self.inventory else "",
                 expected_end_s=(r.started_at + r.exp.time_s) if r.exp.time_s is not None else None,
+                util=r.exp.util,
             )
         return occupants
 
@@ -465,7 +466,7 @@ def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = Non
     return policy.Request(
         name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
         mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
-        resumable=e.resumable, depends_on=e.depends_on,
+        resumable=e.resumable, depends_on=e.depends_on, util=e.util,
     )
 
 

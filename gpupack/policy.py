@@ -20,7 +20,10 @@ Rules (DESIGN.md "Inside"):
   None) needs a GPU with no occupant and then holds it alone, like exclusive; an occupant with
   budget None holds its GPU whole. An unknown live reading (None) is not zero: only budgets
   decide, which is safe because a GPU whose occupant's budget is unknown is held whole anyway.
-- Multi-GPU requests take all their GPUs on one node (gang). Best fit: the GPU(s) whose room left
+- Multi-GPU requests take all their GPUs on one node (gang). Compute first: the GPU(s) least
+  oversubscribed once the request joins (utils summing to at most 1 count as not at all), since
+  co-located experiments slow each other and an idle GPU beside a crowded one is wasted. Then
+  best fit: the GPU(s) whose room left
   after placement, min(budget room, live room) - request, is smallest, so large holes stay for
   large jobs; ties go to the smaller GPU, then snapshot order. CPU-only requests (gpus=0) go to
   the first node with CPUs free.
@@ -80,6 +83,7 @@ class Request:
     resumable: bool = False
     depends_on: tuple[str, ...] = ()  # exact experiment names (manifest expands globs)
     phase: str = ""  # phase name, for waiting reasons only
+    util: float = 1.0  # share of a GPU's compute it keeps busy alone (0-1)
 
     @property
     def holds_whole(self) -> bool:
@@ -115,6 +119,7 @@ class Occupant:
     cpus: int = 1
     node: str = ""  # node of a CPU-only occupant (gpus == ())
     expected_end_s: float | None = None  # start + estimate; None = unknown
+    util: float = 1.0  # share of the GPU's compute it keeps busy
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class _Claim:
     observed_bytes: int
     cpus: int
     end_s: float | None
+    util: float = 1.0
 
 
 @dataclass(eq=False)
@@ -176,6 +182,12 @@ class _Gpu:
     unalloc_sum: int = 0  # budgets not yet seen allocated: still reads as free
     occupants: int = 0
     holders: int = 0
+    util_sum: float = 0.0  # compute share its occupants keep busy
+
+    def load_after(self, req: Request) -> float:
+        """How oversubscribed this GPU's compute is once `req` joins: 1 while the utils sum to at
+        most 1 (nobody slows down), else their sum (everyone runs at 1/sum)."""
+        return round(max(1.0, self.util_sum + req.util), 6)
 
     def room(self, headroom: int) -> int | None:
         """Bytes a newcomer may take, or None when an occupant holds the GPU whole."""
@@ -229,6 +241,7 @@ class _View:
                 continue
             g.occupants += sign
             g.holders += sign * c.holds
+            g.util_sum += sign * c.util
             if c.budget_bytes is not None:
                 g.budget_sum += sign * c.budget_bytes
                 g.unalloc_sum += sign * max(0, c.budget_bytes - c.observed_bytes)
@@ -254,20 +267,20 @@ class _View:
         nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (not node_ok or node_ok(n))]
         if req.gpus == 0:
             return Placement(req.name, nodes[0], ()) if nodes else None
-        best: tuple[tuple[int, int], str, list[_Gpu]] | None = None
+        best: tuple[tuple[float, int, int], str, list[_Gpu]] | None = None
         for node in nodes:
             fits = []
             for g in self.by_node.get(node, ()):
                 hole = g.hole_after(req, self.headroom)
                 if hole is not None and (gpu_ok is None or gpu_ok(g)):
-                    fits.append((hole, g.total_bytes, g.pos, g))
+                    fits.append((g.load_after(req), hole, g.total_bytes, g.pos, g))
             if len(fits) < req.gpus:
                 continue
-            fits.sort(key=lambda f: f[:3])
+            fits.sort(key=lambda f: f[:4])
             chosen = fits[: req.gpus]
-            score = (sum(f[0] for f in chosen), chosen[0][2])
+            score = (sum(f[0] for f in chosen), sum(f[1] for f in chosen), chosen[0][3])
             if best is None or score < best[0]:
-                best = (score, node, [f[3] for f in chosen])
+                best = (score, node, [f[4] for f in chosen])
         if best is None:
             return None
         return Placement(req.name, best[1], tuple(sorted(g.key[1] for g in best[2])))
@@ -309,13 +322,13 @@ def _keys(p: Placement) -> tuple[GpuKey, ...]:
 
 def _claim(p: Placement, req: Request, now_s: float) -> _Claim:
     end = None if req.time_s is None else now_s + req.time_s
-    return _Claim(_keys(p), p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end)
+    return _Claim(_keys(p), p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end, req.util)
 
 
 def _occupant_claim(o: Occupant) -> _Claim:
     node = o.node or (o.gpus[0][0] if o.gpus else "")
     holds = o.exclusive or o.budget_bytes is None
-    return _Claim(o.gpus, node, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s)
+    return _Claim(o.gpus, node, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s, o.util)
 
 
 @dataclass(eq=False)

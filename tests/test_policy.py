@@ -241,9 +241,26 @@ def test_best_fit_keeps_the_large_hole() -> None:
 
 def test_gang_best_fit_prefers_the_tighter_node() -> None:
     # node a: two empty GPUs (holes 80 - 30 = 50 each); node b: two GPUs with 40 GB budgeted (holes 10).
+    # util 0.5 + 0.5 <= 1: sharing node b costs no compute, so memory decides.
     gpus = [gpu(0, node="a"), gpu(1, node="a"), gpu(0, node="b"), gpu(1, node="b")]
-    d = decide([req("g", 0, 30, gpus=2)], gpus, [occ("x", ("b", 0), ("b", 1), budget=40)])
+    d = decide([req("g", 0, 30, gpus=2, util=0.5)], gpus, [occ("x", ("b", 0), ("b", 1), budget=40, util=0.5)])
     assert placed(d) == {"g": ("b", (0, 1))}
+
+
+def test_compute_first_an_idle_gpu_beats_a_busy_one() -> None:
+    # gpu0 runs x (util 1, 20 GB); gpu1 is idle. A util-1 newcomer would halve x's speed on gpu0
+    # although best fit by memory (hole 80-20-20=40 < 60) points there: it goes to gpu1.
+    d = decide([req("a", 0, 20)], [gpu(0), gpu(1)], [occ("x", 0, budget=20)])
+    assert placed(d) == {"a": ("n0", (1,))}
+    # Two light experiments (util 0.3 each) share a GPU without slowing each other: best fit.
+    d = decide([req("b", 0, 20, util=0.3)], [gpu(0), gpu(1)], [occ("y", 0, budget=20, util=0.3)])
+    assert placed(d) == {"b": ("n0", (0,))}
+    # Twelve 20 GB util-1 jobs on four 80 GB GPUs: three per GPU, none idle.
+    d = decide([req(f"j{i}", i, 20) for i in range(12)], [gpu(i) for i in range(4)])
+    per_gpu: dict[int, int] = {}
+    for p in d.placements:
+        per_gpu[p.gpus[0]] = per_gpu.get(p.gpus[0], 0) + 1
+    assert per_gpu == {0: 3, 1: 3, 2: 3, 3: 3}
 
 
 def test_startup_race_unallocated_budget_still_reads_free() -> None:
