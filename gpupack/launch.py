@@ -2,9 +2,10 @@
 SrunLauncher (a Slurm job step, whose local `srun` client is run the same way).
 
 Every attempt runs in its own session, so its whole process tree is one process group that
-gpupack signals and kills as a unit (children that outlive their parent included). A small bash
-wrapper leads the group: it ignores-by-trapping the stop signals itself (the command still gets
-them), and records the command's exit status in `<log>.exit` atomically, so a scheduler that was
+gpupack signals and kills as a unit (children that outlive their parent included). A small
+POSIX sh wrapper leads the group (sh starts in half the time of bash; the command itself runs in
+bash): it traps the stop signals so that it outlives them (the command still gets them), and
+records the command's exit status in `.attempt-<n>.exit` atomically, so a scheduler that was
 dead when the experiment finished still learns the real outcome.
 """
 
@@ -154,7 +155,7 @@ class LocalLauncher:
         try:
             _write_header(log, spec)
             popen = subprocess.Popen(
-                ["bash", "-c", _WRAPPER, "gpupack-wrap", str(exit_file), *self.argv(spec)],
+                ["/bin/sh", "-c", _WRAPPER, "gpupack-wrap", str(exit_file), *self.argv(spec)],
                 cwd=spec.workdir,
                 env=dict(spec.env),
                 stdin=subprocess.DEVNULL,
