@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -48,9 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requeues", type=int, default=10, metavar="N", help="requeue the Slurm job at most N times (default 10)")
     p.add_argument("--no-report", action="store_true", help="do not write report/ at the end")
 
-    p = sub.add_parser("plan", help="validate a manifest and show its experiments, without running")
+    p = sub.add_parser("plan", help="predict a manifest's timeline with the run's own policy, without running")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--gpus", metavar="SPEC", help=gpus_help)
+    p.add_argument("--gpus", metavar="SPEC", help="the GPUs to plan for (default 4x80GB, or env GPUPACK_GPUS)")
+    p.add_argument("--time", metavar="DURATION", help="the allocation's length, e.g. 24h: what would not fit")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("status", help="one table of a run's experiments")
@@ -93,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 console,
             )
         if args.command == "plan":
-            return commands.plan(args.manifest, args.gpus, args.json, sys.stdout, console)
+            return commands.plan(args.manifest, args.gpus, args.time, args.json, sys.stdout, console)
         if args.command == "status":
             return commands.status(args.run_dir, args.json, sys.stdout, console)
         if args.command == "watch":
@@ -111,6 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except sqlite3.Error as exc:  # a read outside the store's transactions (disk, corruption)
         err.print(f"gpupack: error: state database: {exc}", markup=False)
         return commands.EXIT_BAD_INPUT
+    except BrokenPipeError:  # `gpupack status --json | head`: the reader left, nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return commands.EXIT_STOPPED
     return 2

@@ -26,7 +26,6 @@ from . import manifest as manifest_mod
 from .gpus import GpuSpecError, open_probe
 from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
-from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -178,36 +177,27 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
         raise GpupackError("\n".join(problems))
 
 
-def plan(manifest_path: Path, gpus: str | None, as_json: bool, out: IO[str], console: Console) -> int:
-    manifest = _load_manifest(manifest_path)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": e.name,
-            "phase": e.phase,
-            "gpus": e.gpus,
-            "mem_bytes": e.mem_bytes,
-            "time_s": e.time_s,
-            "exclusive": e.exclusive,
-            "resumable": e.resumable,
-            "depends_on": list(e.depends_on),
-        }
-        for e in manifest.experiments
-    ]
-    if as_json:
-        json.dump({"run": manifest.name, "experiments": rows}, out, indent=1)
-        out.write("\n")
-        return EXIT_OK
-    from rich.table import Table
+def plan(
+    manifest_path: Path, gpus: str | None, time_limit: str | None, as_json: bool, out: IO[str], console: Console
+) -> int:
+    """Predict the run's timeline with the run's own policy; nothing is launched."""
+    from .gpus import parse_gpu_spec
+    from .simulate import plan_data, render_plan
 
-    table = Table(title=f"{manifest.name}: {len(rows)} experiments", title_justify="left")
-    for column in ("name", "phase", "gpus", "mem", "time", "depends on"):
-        table.add_column(column)
-    for r in rows:
-        table.add_row(
-            r["name"], r["phase"], str(r["gpus"]), format_bytes(r["mem_bytes"]) if r["mem_bytes"] else "whole GPU",
-            format_duration(r["time_s"]), ", ".join(r["depends_on"]),
-        )
-    console.print(table)
+    manifest = _load_manifest(manifest_path)
+    spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
+    try:
+        inventory = parse_gpu_spec(spec, "node")
+        limit = manifest_mod.parse_duration(time_limit) if time_limit else None
+    except (GpuSpecError, ValueError) as exc:
+        raise GpupackError(str(exc) if isinstance(exc, GpuSpecError) else f"--time: {exc}") from None
+    _refuse_unfit(manifest, inventory, 0)
+    data = plan_data(manifest, inventory, limit)
+    if as_json:
+        json.dump(data, out, indent=1)
+        out.write("\n")
+    else:
+        render_plan(data, console)
     return EXIT_OK
 
 
