@@ -88,3 +88,11 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
         level += step
         best = max(best, level)
     return best
+
+
+def alive(pid: int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 from conftest import (
+    alive,
     RECORD,
     by_name,
     gpupack,
@@ -278,16 +279,8 @@ def test_preempt_ignorer_is_killed_after_grace_with_its_children(write_manifest,
     proc.communicate(timeout=30)
     assert proc.returncode == 3
     for pid in (info["pid"], info["child"]):
-        wait_for(lambda: not _alive(pid), timeout=5, what=f"pid {pid} to die")
+        wait_for(lambda: not alive(pid), timeout=5, what=f"pid {pid} to die")
     assert by_name(run_dir)["stubborn"]["state"] == "interrupted"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_changed_command_runs_again_and_says_so(write_manifest, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RECORD, ROOT, by_name, gpupack, gpupack_env, started, wait_for
+from conftest import RECORD, ROOT, alive, by_name, gpupack, gpupack_env, started, wait_for
 
 ENV = gpupack_env(GPUPACK_GPUS="2x80GB")
 
@@ -66,14 +66,7 @@ def test_children_left_behind_are_killed_with_the_group(write_manifest, tmp_path
     done = run(m)
     assert done.returncode == 0, done.stdout + done.stderr
     orphan = int(pidfile.read_text())
-    wait_for(lambda: not Path(f"/proc/{orphan}").exists() or _zombie(orphan), timeout=5, what="the orphan to die")
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    wait_for(lambda: not alive(orphan), timeout=5, what="the orphan to die")
 
 
 def test_state_db_locked_by_another_process_is_waited_for(write_manifest, tmp_path):
