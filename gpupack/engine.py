@@ -88,6 +88,9 @@ class Hooks:
     requeue: Callable[[], str | None] = lambda: None  # returns what was done, for the log
     cpus_per_node: Mapping[str, int] | None = None
     job_id: str | None = None
+    # A new `gpupack run` tries what failed before again (the user may have fixed it); a requeued
+    # job does not: its failures used their retries already, another go would only burn GPU time.
+    retry_failed: bool = True
 
 
 @dataclass
@@ -152,7 +155,7 @@ class Engine:
         rows_now = {r.name: r for r in self.store.experiments() if r.in_manifest}
         again: dict[str, tuple[str, str | None]] = {}
         for name, row in rows_now.items():
-            if row.state in (FAILED, SKIPPED):
+            if row.state in (FAILED, SKIPPED) and self.hooks.retry_failed:
                 again[name] = (PENDING, f"{row.state} in an earlier run; trying again")
         if again:
             self.store.set_states(again)

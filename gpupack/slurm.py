@@ -360,6 +360,7 @@ def engine_hooks(
         requeue=end_of_allocation,
         cpus_per_node=dict(zip(allocation.nodes, allocation.cpus_per_node)) or None,
         job_id=job,
+        retry_failed=allocation.restart_count == 0,
     )
 
 

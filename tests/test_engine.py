@@ -384,3 +384,37 @@ def test_estimates_are_learned_from_grid_siblings():
     assert learned.mem_bytes("train-{seed}", 20 * 10**9) == 30 * 10**9  # raised to the observed peak
     assert learned.mem_bytes("train-{seed}", 40 * 10**9) == 40 * 10**9  # never lowered
     assert learned.mem_bytes("train-{seed}", None) is None  # unknown stays "alone on a GPU"
+
+
+def test_failures_are_retried_by_a_new_run_but_not_by_a_requeued_job(write_manifest, tmp_path):
+    m = write_manifest(f"""
+        name: again
+        phases:
+          - name: p
+            experiments:
+              - {{name: bad, cmd: "{RECORD} 0 --fail-attempts 1", mem: 1GB}}
+        """)
+    assert run(m).returncode == 1
+    run_dir = tmp_path / "runs" / "again"
+    # A requeued job (Slurm restart count 1) runs the engine with retry_failed off: nothing runs.
+    from gpupack.engine import Engine, RunOptions
+    from gpupack.gpus import SimulatedProbe, parse_gpu_spec
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load
+    from gpupack.slurm import Allocation, engine_hooks
+    from gpupack.store import Store
+
+    requeued = Allocation("7", ("n0",), (0,), (4,), restart_count=1)
+    hooks = engine_hooks(requeued, 10, run_args=[], run=lambda argv: None)
+    assert hooks.retry_failed is False
+    inventory = parse_gpu_spec("2x80GB", "n0")
+    store = Store(run_dir / "state.db")
+    engine = Engine(load(m), store, SimulatedProbe(inventory), LocalLauncher(), inventory, RunOptions(poll_s=0.1), hooks)
+    engine.prepare()
+    assert engine.run() == 1
+    engine.close(1)
+    store.close()
+    assert by_name(run_dir)["bad"]["attempts"] == 1 and by_name(run_dir)["bad"]["state"] == "failed"
+    done = run(m)  # a new run: tried again, and this time it succeeds
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert by_name(run_dir)["bad"]["attempts"] == 2
