@@ -19,14 +19,12 @@ Rules beyond the design's text, each preventing a failure seen later at run time
 - a `mem` given as a bare number under 1 MB is refused: `mem: 20` is 20 bytes, never meant;
 - env may not set CUDA_VISIBLE_DEVICES or GPUPACK_*: gpupack sets them per attempt;
 - a dependency on a later phase that sits behind a barrier would wait forever: refused;
-- grid values and env values are scalars; true/false render as `true`/`false`, as written;
-- a placeholder may carry a format spec (`{seed:03d}`), never attribute or index access.
+- grid values and env values are scalars (placeholder rules: templates.py).
 """
 
 from __future__ import annotations
 
 import bisect
-import difflib
 import fnmatch
 import hashlib
 import itertools
@@ -34,7 +32,6 @@ import json
 import math
 import os
 import re
-import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +39,18 @@ from typing import Any
 
 import yaml
 
-from .units import parse_duration, parse_size
+from .templates import (
+    BUILTIN_PLACEHOLDERS,
+    NAME_PLACEHOLDERS,
+    Template,
+    compile_template,
+    is_placeholder_name,
+    nearest,
+    render_scalar,
+    text_problem,
+)
+from .units import parse_duration as parse_duration  # re-exported: callers use manifest.parse_duration
+from .units import parse_size as parse_size  # re-exported: callers use manifest.parse_size
 from .units import show_value as _show
 
 MAX_EXPERIMENTS = 100_000  # after grid expansion, in the whole manifest
@@ -111,32 +119,11 @@ def _label(name: str) -> str:
     return name if name.isprintable() and name.strip() == name and name else _show(name)
 
 
-def _nearest(word: object, choices: list[str], list_all: bool = True) -> str:
-    """" (did you mean 'x'?)", else the valid choices, or nothing where they are too many."""
-    if len(choices) > 1000:  # difflib costs ~10 us a choice; 100,000 names would take seconds
-        return ""
-    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    return f" (valid: {', '.join(choices)})" if list_all else ""
-
-
-def _text_problem(text: str) -> str | None:
-    """Why a string can't reach bash, the environment or the filesystem (execve refuses NUL)."""
-    if "\x00" in text:
-        return "contains a NUL character"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid Unicode (lone surrogate)"
-    return None
-
-
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc
 
 
 def _dirname_problem(name: str) -> str | None:
-    why = _text_problem(name)
+    why = text_problem(name)
     if why:
         return why
     if name in ("", ".", ".."):
@@ -165,67 +152,6 @@ class _Problems:
             rest = len(lines) - MAX_PROBLEMS_SHOWN
             lines = lines[:MAX_PROBLEMS_SHOWN] + [f"{self.path}: manifest: problems: {rest} more not shown"]
         return ManifestError(lines)
-
-
-# --------------------------------------------------------------------------- placeholders
-
-BUILTIN_PLACEHOLDERS = ("name", "phase", "out", "run", "gpus")
-_NAME_PLACEHOLDERS = ("phase", "gpus")  # {name}, {out}, {run} are made from the name
-_PLACEHOLDER_RE = re.compile(r"[^\W\d][\w-]*")
-
-
-def _render_scalar(value: object, spec: str = "") -> str:
-    if spec:
-        return format(value, spec)
-    if isinstance(value, bool):
-        return "true" if value else "false"  # as YAML spells it, not Python's True
-    return str(value)
-
-
-@dataclass(frozen=True)
-class _Template:
-    """A string with {placeholders}, parsed once and rendered per expansion."""
-
-    pieces: tuple[tuple[str, str | None, str], ...]  # (literal, placeholder or None, format spec)
-    plain: str | None  # the same as a format string over rendered values, when no spec is used
-
-    def render(self, values: Mapping[str, object], texts: Mapping[str, str]) -> str:
-        """`texts`: the values already rendered; they serve every placeholder without a spec."""
-        if self.plain is not None:
-            return self.plain.format_map(texts)  # C speed: 100,000 expansions x several fields
-        return "".join(lit + (_render_scalar(values[f], spec) if f else "") for lit, f, spec in self.pieces)
-
-
-def _compile(text: str, allowed: tuple[str, ...], name_field: bool = False) -> _Template:
-    """Parse `text` (str.format syntax, `{{` `}}` literal) or raise ValueError saying what to fix."""
-    why = _text_problem(text)
-    if why:
-        raise ValueError(f"{_show(text)} {why}")
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as e:
-        raise ValueError(f"bad braces in {_show(text)}: {e} (write {{{{ and }}}} for literal braces)") from None
-    pieces: list[tuple[str, str | None, str]] = []
-    for literal, name, spec, conversion in parsed:
-        if name is None:
-            pieces.append((literal, None, ""))
-            continue
-        written = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
-        shell = " (write $VAR, or ${{VAR}} for a shell variable)" if literal.endswith("$") else ""
-        spec = spec or ""
-        # A width of 4+ digits is a typo, and {x:1000000000} would build a 1 GB string.
-        if conversion or "{" in spec or re.search(r"\d{4}", spec) or not _PLACEHOLDER_RE.fullmatch(name):
-            raise ValueError(f"bad placeholder {_show(written)}: only {{key}} or {{key:spec}}; "
-                             f"write {{{{ and }}}} for literal braces{shell}")
-        if name not in allowed:
-            if name_field and name in BUILTIN_PLACEHOLDERS:
-                raise ValueError(f"placeholder {{{name}}} can't be used in the name (it is made from the name)")
-            raise ValueError(f"unknown placeholder {_show(written)}{shell}{_nearest(name, list(allowed))}")
-        pieces.append((literal, name, spec))
-    plain = None
-    if not any(spec for _, _, spec in pieces):
-        plain = "".join(lit.replace("{", "{{").replace("}", "}}") + (f"{{{f}}}" if f else "") for lit, f, _ in pieces)
-    return _Template(tuple(pieces), plain)
 
 
 # --------------------------------------------------------------------------- fields
@@ -292,7 +218,7 @@ def _texts(value: object) -> tuple[str, ...]:
 def _is_scalar(value: object) -> bool:
     if isinstance(value, int) and not isinstance(value, bool):
         return value.bit_length() <= 64
-    return isinstance(value, (str, bool, float)) and not (isinstance(value, str) and _text_problem(value))
+    return isinstance(value, (str, bool, float)) and not (isinstance(value, str) and text_problem(value))
 
 
 _RESERVED_ENV = re.compile(r"CUDA_VISIBLE_DEVICES|GPUPACK_.*")
@@ -311,16 +237,16 @@ def _env(value: object) -> dict[str, str]:
         raise ValueError(f"expected a mapping NAME: value, got {_show(value)}")
     env, bad = {}, []
     for key, item in value.items():
-        if not isinstance(key, str) or not key or "=" in key or _text_problem(key):
+        if not isinstance(key, str) or not key or "=" in key or text_problem(key):
             bad.append(("", f"bad variable name {_show(key)}"))
         elif _RESERVED_ENV.fullmatch(key):
             bad.append((f".{key}", "set by gpupack for each attempt; leave it out"))
-        elif isinstance(item, str) and (why := _text_problem(item)):
+        elif isinstance(item, str) and (why := text_problem(item)):
             bad.append((f".{key}", f"value {why}"))
         elif not _is_scalar(item):
             bad.append((f".{key}", f"expected a string or number, got {_show(item)}"))
         else:
-            env[key] = _render_scalar(item)
+            env[key] = render_scalar(item)
     if bad:
         raise _Invalid(bad)
     return env
@@ -384,13 +310,13 @@ class _Spec:
     who: str  # how messages name it: the template, or its position when that is unusable
     template: str
     phase: Phase
-    name: _Template | None
-    cmd: _Template | None
+    name: Template | None
+    cmd: Template | None
     grid: list[tuple[str, list[Any]]]
     values: dict[str, Any]  # every field of _FIELDS, merged with defaults and built-ins
-    depends_on: tuple[_Template, ...]
-    outputs: tuple[_Template, ...]
-    env: dict[str, _Template]
+    depends_on: tuple[Template, ...]
+    outputs: tuple[Template, ...]
+    env: dict[str, Template]
 
     @property
     def count(self) -> int:
@@ -401,7 +327,7 @@ _MISSING = object()
 
 
 def _text(value: object) -> str:
-    if not isinstance(value, str) or not value.strip() or _text_problem(value):
+    if not isinstance(value, str) or not value.strip() or text_problem(value):
         raise ValueError(f"expected a non-empty string, got {_show(value)}")
     return value
 
@@ -452,7 +378,7 @@ class _Builder:
         for key in mapping:
             if key not in valid:
                 self.problems.add(who, where + (_label(key) if isinstance(key, str) else _show(key)),
-                                  f"unknown key{_nearest(key, valid)}")
+                                  f"unknown key{nearest(key, valid)}")
 
     def _fields(self, who: str, raw: Mapping[Any, Any], prefix: str = "") -> dict[str, Any]:
         """The experiment fields present in `raw`, parsed; bad ones are reported and left out."""
@@ -473,7 +399,7 @@ class _Builder:
         if isinstance(texts, tuple):
             compiled = (self._templates(who, where, t, allowed) for t in texts)
             return tuple(t for t in compiled if t is not None)
-        return self._field(who, where, lambda t: _compile(t, allowed), texts)
+        return self._field(who, where, lambda t: compile_template(t, allowed), texts)
 
     def build(self) -> Manifest:
         data = _read_yaml(self.text, self.problems)
@@ -510,7 +436,7 @@ class _Builder:
             raise self.problems.error()
         return Manifest(self.path, name, run_dir, workdir, tuple(phases), experiments, self.text)
 
-    def _defaults(self, defaults: object, env: dict[str, _Template]) -> dict[str, Any]:
+    def _defaults(self, defaults: object, env: dict[str, Template]) -> dict[str, Any]:
         """Built-in values overridden by `defaults:`; its placeholders may only be built-ins."""
         if not isinstance(defaults, Mapping):
             self.problems.add("manifest", "defaults", f"expected a mapping of experiment fields, got {_show(defaults)}")
@@ -558,8 +484,8 @@ class _Builder:
         allowed = (*keys, *BUILTIN_PLACEHOLDERS)
         name = None
         if template is not None:
-            name = self._field(who, "name", lambda t: _compile(t, (*keys, *_NAME_PLACEHOLDERS), True), template)
-        cmd = self._get(who, raw, "cmd", lambda t: _compile(_text(t), allowed))
+            name = self._field(who, "name", lambda t: compile_template(t, (*keys, *NAME_PLACEHOLDERS), True), template)
+        cmd = self._get(who, raw, "cmd", lambda t: compile_template(_text(t), allowed))
         own = self._fields(who, raw)
         for key in (*_TEMPLATED, "env"):
             if key in own:
@@ -579,7 +505,7 @@ class _Builder:
             return []
         grid = []
         for key, values in raw.items():
-            if not isinstance(key, str) or not _PLACEHOLDER_RE.fullmatch(key):
+            if not isinstance(key, str) or not is_placeholder_name(key):
                 self.problems.add(who, "grid", f"key {_show(key)} is not a placeholder name (letters, digits, _ and -)")
             elif key in BUILTIN_PLACEHOLDERS:
                 self.problems.add(who, f"grid.{key}", f"{{{key}}} is a built-in placeholder; rename the key")
@@ -628,9 +554,9 @@ class _Expansion:
 
     def _one(self, spec: _Spec, params: dict[str, Any], records: dict[str, Any]) -> None:
         values: dict[str, Any] = {**params, "phase": spec.phase.name, "gpus": spec.values["gpus"]}
-        texts = {k: _render_scalar(v) for k, v in values.items()}
+        texts = {k: render_scalar(v) for k, v in values.items()}
 
-        def render(where: str, template: _Template) -> str:
+        def render(where: str, template: Template) -> str:
             try:
                 return template.render(values, texts)
             except (ValueError, TypeError) as e:  # a format spec that doesn't suit this value
@@ -681,7 +607,7 @@ class _Expansion:
             else:
                 # Past the shown lines, a suggestion is never read; each one scans every name.
                 shown = len(self.problems.lines) < MAX_PROBLEMS_SHOWN
-                hint = _nearest(pattern, list(records), list_all=False) if shown else ""
+                hint = nearest(pattern, list(records), list_all=False) if shown else ""
                 self.problems.add(_label(name), "depends_on", f"{_show(pattern)} matches no experiment{hint}")
         for dep in deps:
             later = records[dep][0].phase
