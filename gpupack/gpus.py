@@ -78,7 +78,8 @@ def parse_gpu_spec(spec: str, node: str) -> list[GpuInfo]:
 
 
 class SimulatedProbe:
-    """Simulated GPUs: a running experiment uses exactly its budget (the whole GPU if unknown)."""
+    """Simulated GPUs: a running experiment uses exactly its budget (the whole GPU if unknown)
+    and its declared share of compute (util)."""
 
     def __init__(self, gpus: Sequence[GpuInfo]):
         self._gpus = list(gpus)
@@ -98,9 +99,15 @@ class SimulatedProbe:
                 amount = min(amount, total[key] - used[key])
                 used[key] += amount
                 usage.setdefault(name, {})[key] = amount
-        busy = {key for occ in running.values() for key in occ.gpus}
+        # Utilization: the occupants' declared shares (util), capped at the whole GPU.
+        load: dict[GpuKey, float] = {}
+        for occ in running.values():
+            for key in occ.gpus:
+                load[key] = load.get(key, 0.0) + occ.util
         snaps = tuple(
-            GpuSnapshot(g.node, g.index, g.total_bytes, g.total_bytes - used[g.key], 100.0 if g.key in busy else 0.0, g.uuid)
+            GpuSnapshot(
+                g.node, g.index, g.total_bytes, g.total_bytes - used[g.key], 100.0 * min(1.0, load.get(g.key, 0.0)), g.uuid
+            )
             for g in self._gpus
         )
         return Reading(snaps, usage)

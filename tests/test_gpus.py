@@ -132,3 +132,6 @@ def test_simulated_usage_is_the_budgets_of_running_experiments():
     assert [g.free_bytes for g in reading.gpus] == [30 * GB, 0]
     assert reading.usage["b"] == {("n1", 0): 20 * GB, ("n1", 1): 20 * GB}
     assert reading.usage["whole"] == {("n1", 1): 60 * GB}
+    # utilization: the declared shares, capped at 100%
+    light = probe.read({"a": Occupant("a", (("n1", 0),), 30 * GB, util=0.3), "b": Occupant("b", (("n1", 1),), 30 * GB)})
+    assert [g.util_percent for g in light.gpus] == [30.0, 100.0]
