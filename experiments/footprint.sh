@@ -26,10 +26,11 @@ for w in $which; do case $w in
   latency)  for c in 1 16; do for b in 1 128; do
               python experiments/latency.py --sender $llama8 --receiver $mistral7 --dtype bfloat16 --seq-len 256 \
                 --compression $c --batch-size $b --warmup 5 --iters 20 --out $out/latency-c$c-b$b; done; done ;;
-  xsum)     python experiments/xsum.py --model $cfg/flan-t5-large --max-source 512 --max-target 64 --batch-size 16 \
+  # One rank of the plan's 2-GPU run: half of its global batch of 16.
+  xsum)     python experiments/xsum.py --model $cfg/flan-t5-large --max-source 512 --max-target 64 --batch-size 8 \
               --lr 1e-4 --steps 30 --log-every 10 --ckpt-every 1000 --max-test 64 --out $out/xsum ;;
-  ablation) bridge --sender $cfg/llama-3.2-1b --receiver $cfg/qwen2.5-1.5b --out $out/ablation-small
-            bridge --sender $cfg/llama-3.2-3b --receiver $cfg/qwen2.5-3b --out $out/ablation-medium ;;
+  ablation) bridge --sender $cfg/llama-3.2-1b --receiver $mistral7 --out $out/ablation-1b
+            bridge --sender $cfg/llama-3.2-3b --receiver $mistral7 --out $out/ablation-3b ;;
   *) echo "footprint.sh: unknown experiment $w" >&2; exit 2 ;;
 esac; done
 

@@ -76,7 +76,7 @@ def _config(family: str, s: Size, vocab_size: int, **extra: Any) -> Any:
     )
 
 
-def _load(name: str, vocab_size: int, dtype: torch.dtype, preset: dict[str, str], auto: str, **config: Any) -> nn.Module:
+def _load(name: str, vocab_size: int, dtype: torch.dtype, preset: dict[str, str], auto: str, **config: Any) -> Any:
     """Build preset `name` with the class preset[family]; or a random:<config> model; or
     auto.from_pretrained(name). `config` goes into the built config, or to from_pretrained
     (num_labels, ...).
@@ -95,37 +95,38 @@ def _load(name: str, vocab_size: int, dtype: torch.dtype, preset: dict[str, str]
     family, size = parse_preset(name)
     if family not in preset:
         raise SystemExit(f"{name}: this script needs a {' or '.join(sorted(preset))} preset or a {auto} model")
-    model: nn.Module = getattr(tf, preset[family])(_config(family, size, vocab_size, **config))
+    model = getattr(tf, preset[family])(_config(family, size, vocab_size, **config))
     return model.to(dtype)
 
 
-def load_backbone(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_backbone(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> Any:
     """A bare model returning hidden states."""
     return _load(name, vocab_size, dtype, {"bert": "BertModel", "gpt2": "GPT2Model", "t5": "T5EncoderModel"}, "AutoModel")
 
 
-def load_classifier(name: str, vocab_size: int, num_labels: int, pad_id: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_classifier(name: str, vocab_size: int, num_labels: int, pad_id: int, dtype: torch.dtype = torch.float32) -> Any:
     """A sequence classifier, a fresh head over the model (the LoRA baseline)."""
     classes = {"bert": "BertForSequenceClassification", "gpt2": "GPT2ForSequenceClassification"}
     model = _load(name, vocab_size, dtype, classes, "AutoModelForSequenceClassification", num_labels=num_labels)
-    if model.config.pad_token_id is None:  # type: ignore[union-attr]
+    if model.config.pad_token_id is None:
         model.config.pad_token_id = pad_id  # decoder-only classifiers read the last non-pad token
     return model
 
 
-def load_causal_lm(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_causal_lm(name: str, vocab_size: int, dtype: torch.dtype = torch.float32) -> Any:
     return _load(name, vocab_size, dtype, {"gpt2": "GPT2LMHeadModel"}, "AutoModelForCausalLM")
 
 
-def load_seq2seq(name: str, vocab_size: int, pad_id: int, eos_id: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_seq2seq(name: str, vocab_size: int, pad_id: int, eos_id: int, dtype: torch.dtype = torch.float32) -> Any:
     if not is_preset(name):
         return _load(name, vocab_size, dtype, {}, "AutoModelForSeq2SeqLM")
     ids = {"pad_token_id": pad_id, "eos_token_id": eos_id, "decoder_start_token_id": pad_id}
     return _load(name, vocab_size, dtype, {"t5": "T5ForConditionalGeneration"}, "AutoModelForSeq2SeqLM", **ids)
 
 
-def hidden_size(model: nn.Module) -> int:
-    config = model.config  # type: ignore[attr-defined]
+def hidden_size(model: Any) -> int:
+    """Of a transformers model (hidden_size, or d_model for T5)."""
+    config = model.config
     return int(getattr(config, "hidden_size", None) or config.d_model)
 
 
@@ -152,7 +153,7 @@ class Bridge(nn.Module):
 
 
 class BridgeClassifier(nn.Module):
-    def __init__(self, sender: nn.Module, receiver: nn.Module, num_labels: int, soft_tokens: int, train_models: bool):
+    def __init__(self, sender: Any, receiver: Any, num_labels: int, soft_tokens: int, train_models: bool):
         super().__init__()
         self.sender, self.receiver = sender, receiver
         self.bridge = Bridge(hidden_size(sender), hidden_size(receiver), soft_tokens)

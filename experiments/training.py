@@ -94,7 +94,7 @@ def train(
     digest = config_digest(config)
     main = accelerator is None or accelerator.is_main_process
     say = log if main else (lambda _: None)  # one copy of each line, not one per rank
-    start, history = 0, []
+    start, history = 0, list[list[float]]()  # [step, mean loss]: plain lists load with weights_only
     if spec.resume:
         start, history = _restore(ckpt_path, digest, params, optimizer, say)
     wrapped = model
@@ -156,7 +156,7 @@ def _should_stop(stop: threading.Event, accelerator: Any | None) -> bool:
 
 
 def _state(step: int, params: Mapping[str, nn.Parameter], optimizer: Any, history: list, digest: str) -> dict[str, Any]:
-    rng = {"cpu": torch.get_rng_state()}
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return {
