@@ -10,7 +10,13 @@ Rules (DESIGN.md "Inside"):
   also holds every later phase, so barrier=False after it does not jump the line.
 - Priority: phase order, then critical-path length (own time + the longest chain of not-ended
   dependants' times; unknown time counts 0), then longest estimated time first (unknown time
-  goes last among equals), then manifest order.
+  goes last among equals), then manifest order. One exception to phase order: a GPU candidate
+  whose critical path is at least URGENT_SHARE of the remaining GPU work per GPU (not-ended
+  experiments' time x gpus x util, running ones by their time still to go, over all GPUs) goes
+  ahead of earlier phases. Such a chain sets the end of the plan wherever it runs; kept behind
+  the earlier phases it would start once they are done and finish alone at the end, with the
+  other GPUs idle (a 4-hour 2-GPU run in the last phase of a 10-hour plan). The share is below 1
+  because a multi-GPU run must wait for GPUs to drain once it becomes urgent.
 - A GPU fits a request when: it has no exclusive occupant (and, for an exclusive request, no
   occupant at all); the sum of its occupants' budgets plus the request stays within
   capacity minus headroom; and the live free memory minus headroom minus the not-yet-allocated
@@ -49,6 +55,10 @@ import enum
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+
+# A candidate whose critical path is at least this share of the remaining GPU work per GPU goes
+# ahead of earlier phases (see Priority above).
+URGENT_SHARE = 0.5
 
 GpuKey = tuple[str, int]  # (node, index of the GPU on that node, as CUDA_VISIBLE_DEVICES counts it)
 
@@ -424,7 +434,9 @@ def place(
     waiting: dict[str, str] = {}
     candidates, live = _candidates(requests, states, waiting)
     cp = _critical_paths(live)
-    candidates.sort(key=lambda r: (r.phase_index, -cp[r.name], r.time_s is None, -(r.time_s or 0.0), r.order))
+    urgent = _urgent(candidates, live, states, occupants, cp, len(gpus), now_s)
+    candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp[r.name], r.time_s is None,
+                                   -(r.time_s or 0.0), r.order))
 
     view = _View(gpus, limits)
     claims = [_occupant_claim(o) for o in occupants]
@@ -514,6 +526,27 @@ def _candidates(
         more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
         waiting[r.name] = dead or f"waiting for dependency {unmet[0]}{more}"
     return out, live
+
+
+def _urgent(
+    candidates: Sequence[Request],
+    live: Mapping[str, Request],
+    states: Mapping[str, State],
+    occupants: Sequence[Occupant],
+    cp: Mapping[str, float],
+    n_gpus: int,
+    now_s: float,
+) -> set[str]:
+    """GPU candidates whose critical path is at least URGENT_SHARE of the remaining GPU work per
+    GPU: they go ahead of earlier phases (module docstring). Unknown times count 0."""
+    if not n_gpus:
+        return set()
+    work = sum((r.time_s or 0.0) * r.gpus * r.util for r in live.values()
+               if r.gpus and states.get(r.name, State.PENDING) is State.PENDING)
+    work += sum(max(0.0, o.expected_end_s - now_s) * len(o.gpus) * o.util
+                for o in occupants if o.expected_end_s is not None)
+    floor = URGENT_SHARE * work / n_gpus
+    return {r.name for r in candidates if r.gpus and cp[r.name] > 0 and cp[r.name] >= floor}
 
 
 def _critical_paths(live: Mapping[str, Request]) -> dict[str, float]:

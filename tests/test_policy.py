@@ -82,6 +82,34 @@ def test_earlier_phase_goes_first_even_if_listed_later() -> None:
 
 
 @pytest.mark.parametrize(
+    "big_h, tail_h, urgent",
+    [
+        (4, 0, True),  # 4 h >= half of (8 + 2 x 4) GPU-h over 2 GPUs = 4 h: it would set the end
+        (3, 0, False),  # 3 h < half of 14 GPU-h over 2 GPUs = 3.5 h: phase order holds
+        (2, 2, True),  # its critical path counts its dependant: 2 + 2 h >= half of 14 / 2
+    ],
+)
+def test_a_later_run_that_would_set_the_end_goes_ahead_of_earlier_phases(big_h: int, tail_h: int, urgent: bool) -> None:
+    reqs = [req(f"small{i}", i, 60, time_s=H) for i in range(8)]
+    reqs.append(req("big", 8, 60, gpus=2, phase_index=1, time_s=big_h * H))
+    if tail_h:
+        reqs.append(req("tail", 9, 60, phase_index=2, time_s=tail_h * H, depends_on=("big",)))
+    d = decide(reqs, [gpu(0), gpu(1)])
+    assert set(placed(d)) == ({"big"} if urgent else {"small0", "small1"})
+
+
+def test_running_work_counts_toward_the_share_that_makes_a_run_urgent() -> None:
+    # 3 GPUs, 8 + 8 GPU-h queued: big (4 h) >= half of 16 / 3 = 2.7 h is urgent. With 10 h still to
+    # go on gpu2 it is not: 4 h < half of 26 / 3 = 4.3 h.
+    reqs = [req(f"small{i}", i, 60, time_s=H) for i in range(8)]
+    reqs.append(req("big", 8, 60, gpus=2, phase_index=1, time_s=4 * H))
+    gpus = [gpu(0), gpu(1), gpu(2)]
+    idle = decide(reqs, gpus)
+    busy = decide(reqs, gpus, [occ("running", 2, budget=60, expected_end_s=10 * H)])
+    assert "big" in placed(idle) and "big" not in placed(busy)
+
+
+@pytest.mark.parametrize(
     "times, winner",
     [
         ((10 * 60, 2 * H, None), "e1"),  # longest estimate first
@@ -333,8 +361,9 @@ def test_backfill_may_use_memory_the_reservation_does_not_need() -> None:
 
 def test_backfill_may_use_gpus_outside_the_reservation() -> None:
     # Head: 1 GPU, 75 GB. gpu0 frees at 100 s -> reserved; gpu1 (y until 1000 s) is not: long goes there.
+    # (The head is long enough that `long` is not urgent: 5 h < half of 25 h of work over 2 GPUs.)
     gpus, occupants = _easy_world()
-    reqs = [req("head", 0, 75, time_s=H), req("long", 1, 10, phase_index=1, time_s=5 * H)]
+    reqs = [req("head", 0, 75, time_s=20 * H), req("long", 1, 10, phase_index=1, time_s=5 * H)]
     d = decide(reqs, gpus, occupants)
     assert d.reservation is not None and d.reservation.gpus == (("n0", 0),)
     assert placed(d) == {"long": ("n0", (1,))}
@@ -385,13 +414,13 @@ def test_overdue_occupant_makes_the_reservation_start_now() -> None:
 
 
 def test_head_that_could_not_finish_at_its_start_holds_nothing() -> None:
-    # Head (1h, 2 GPUs) starts at 1000 s at the earliest; 1000 + 3600 > 1h10m = 4200 s left.
+    # Head (8h, 2 GPUs) starts at 1000 s at the earliest; 1000 + 8h > 1h10m = 4200 s left.
     # So it holds no reservation, and the long one may start; a resumable head would hold one.
     gpus, occupants = _easy_world()
     long = req("long", 1, 10, phase_index=1, time_s=5 * H, resumable=True)
-    d = decide([req("head", 0, 75, gpus=2, time_s=H), long], gpus, occupants, time_left_s=4200)
+    d = decide([req("head", 0, 75, gpus=2, time_s=8 * H), long], gpus, occupants, time_left_s=4200)
     assert d.reservation is None and set(placed(d)) == {"long"}
-    d = decide([req("head", 0, 75, gpus=2, time_s=H, resumable=True), long], gpus, occupants, time_left_s=4200)
+    d = decide([req("head", 0, 75, gpus=2, time_s=8 * H, resumable=True), long], gpus, occupants, time_left_s=4200)
     assert d.reservation is not None and placed(d) == {}
 
 
