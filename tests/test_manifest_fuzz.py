@@ -15,6 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpupack import manifest
 from gpupack.manifest import Manifest, ManifestError, load
 
 CAPACITY = 80 * 10**9
@@ -216,3 +217,48 @@ def test_random_text_and_damaged_yaml(path: Path, data: st.DataObject) -> None:
             cut = data.draw(st.integers(0, 3))
             text = text[:at] + data.draw(st.sampled_from(YAML_BITS + [""])) + text[at + cut :]
     outcome(path, text)
+
+
+# --------------------------------------------------------------------------- libyaml
+
+
+def _read(text: str, loader: type) -> object:
+    try:
+        return ("read", repr(yaml.load(text, Loader=loader)))  # noqa: S506 - SafeLoader subclasses
+    except Exception:
+        return "refused"
+
+
+@pytest.mark.skipif(manifest._FastLoader is None, reason="PyYAML built without libyaml")
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_libyaml_reads_what_it_accepts_as_the_python_loader_does(data: st.DataObject) -> None:
+    """The fast path may refuse more (the Python loader then words the error), never read
+    differently: whether libyaml is installed changes no manifest's meaning."""
+    if data.draw(st.booleans()):
+        text = data.draw(st.lists(st.sampled_from(YAML_BITS + ["'", "'a b'", '"\\t"', "0x1F", "1_000", "- -"]),
+                                  max_size=40).map("".join))  # fmt: skip
+    else:
+        text = dump(data.draw(values)) if data.draw(st.booleans()) else dump(BASE)
+        for _ in range(data.draw(st.integers(0, 4))):
+            at = data.draw(st.integers(0, len(text)))
+            text = text[:at] + data.draw(st.sampled_from(YAML_BITS + [""])) + text[at + data.draw(st.integers(0, 3)) :]
+    fast = _read(text, manifest._FastLoader)
+    if manifest._LIBYAML_DIFFERS.search(text) or fast == "refused":
+        return  # the Python loader alone reads it
+    assert fast == _read(text, manifest._Loader), text
+
+
+def test_the_fast_path_is_taken_for_an_ordinary_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[type] = []
+    real_load = yaml.load
+
+    def spy(text: str, Loader: type) -> object:  # noqa: N803 - yaml.load's own keyword
+        calls.append(Loader)
+        return real_load(text, Loader=Loader)  # noqa: S506
+
+    monkeypatch.setattr(yaml, "load", spy)
+    problems = manifest._Problems("exp.yaml")
+    assert manifest._read_yaml(dump(BASE), problems) == BASE and not problems.lines
+    expected = [manifest._FastLoader] if manifest._FastLoader is not None else [manifest._Loader]
+    assert calls == expected
