@@ -73,8 +73,8 @@ def rerun(tmp: Path, n: int, repeat: int) -> None:
     t0 = time.perf_counter()
     run_gpupack(manifest, "--gpus", "16x80GB", "--poll", "1")
     print(f"  first run of {n} x `true` (16 GPUs, to build the run directory): {time.perf_counter() - t0:.1f} s")
-    # The new experiment stamps the time it really runs: the engine's start event carries the
-    # time its tick began, before that tick's own work.
+    # The new experiment stamps the time it really runs: the engine's start event is stamped
+    # just before the spawn, not when the process actually runs.
     grid_manifest(manifest, "big", n, extra="      - name: new\n        cmd: \"date +%s.%N > {out}/ran\"\n        mem: 1GB\n")
     firsts = []
     for k in range(repeat):

@@ -107,6 +107,7 @@ class Engine:
 
     def __post_init__(self) -> None:
         self.by_name = {e.name: e for e in self.manifest.experiments}
+        self._index = {e.name: i for i, e in enumerate(self.manifest.experiments)}
         self.states: dict[str, str] = {}
         self.running: dict[str, Running] = {}
         self.failures: dict[str, int] = {}  # failed attempts in this run (retries are per run)
@@ -119,6 +120,15 @@ class Engine:
         self._last_sample = 0.0
         self._alloc_end: str | None = None
         self.learned = Learned()
+        # The tick's requests, rebuilt only where an estimate or a raised budget changed them.
+        self._request_list: list[policy.Request] = []
+        self._request_key: tuple[int, int] | None = None
+        self._overrides_version = 0
+        self._raised: set[str] = set()  # budgets raised since the requests were built
+        self._family_versions: dict[str, int] = {}  # family -> learned version they were built at
+        self._positions: dict[str, list[int]] = {}  # family -> indices in manifest.experiments
+        for i, e in enumerate(self.manifest.experiments):
+            self._positions.setdefault(e.template, []).append(i)
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -138,9 +148,11 @@ class Engine:
                 "gpus": _gpus_json(self.inventory),
             }
         )
-        for name, change in changes.items():
-            if change == "changed":
-                self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
+        changed = [name for name, change in changes.items() if change == "changed"]
+        if changed:
+            with self.store.batch():  # a changed 10,000-experiment grid: one commit
+                for name in changed:
+                    self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
         for found in recovery.recover(self.store, self.by_name, now):
             self._event(found.kind, found.name, found.message)
             exp = self.by_name.get(found.name)
@@ -148,20 +160,20 @@ class Engine:
                 a = found.attempt
                 keys = tuple((a.node, i) for i in a.gpus)
                 self.running[found.name] = Running(exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at)
-        for attempt in self.store.attempts(states=(A_SUCCEEDED,)):
-            exp = self.by_name.get(attempt.experiment)
-            if exp is not None and attempt.ended_at is not None:
-                self.learned.add(exp.template, attempt.ended_at - attempt.started_at, attempt.peak_bytes)
-        rows_now = {r.name: r for r in self.store.experiments() if r.in_manifest}
+        for name, started_at, ended_at, peak_bytes in self.store.succeeded_attempts():
+            exp = self.by_name.get(name)
+            if exp is not None and ended_at is not None:
+                self.learned.add(exp.template, ended_at - started_at, peak_bytes)
+        # One read: the states after sync and recovery, in manifest order.
+        self.states = self.store.experiment_states()
         again: dict[str, tuple[str, str | None]] = {}
-        for name, row in rows_now.items():
-            if row.state in (FAILED, SKIPPED) and self.hooks.retry_failed:
-                again[name] = (PENDING, f"{row.state} in an earlier run; trying again")
+        if self.hooks.retry_failed:
+            for name, state in self.states.items():
+                if state in (FAILED, SKIPPED):
+                    again[name] = (PENDING, f"{state} in an earlier run; trying again")
         if again:
             self.store.set_states(again)
-        self.states = {r.name: r.state for r in self.store.experiments() if r.in_manifest}
-        for name, row in rows_now.items():
-            if name in again:
+            for name in again:
                 self.states[name] = PENDING
         done = sum(1 for s in self.states.values() if s == SUCCEEDED)
         interrupted = sum(1 for s in self.states.values() if s == INTERRUPTED)
@@ -202,10 +214,12 @@ class Engine:
             self._account(reading, now)
             if self.signals.reason is not None:
                 return self._shutdown()
-            self._mark_doomed()
+            requests = self._requests()
+            states = {n: _TO_POLICY[s] for n, s in self.states.items()}
+            self._mark_doomed(requests, states)
             decision = policy.place(
-                self._requests(),
-                {n: _TO_POLICY[s] for n, s in self.states.items()},
+                requests,
+                states,
                 reading.gpus,
                 list(self._occupants(now, reading).values()),
                 now,
@@ -219,7 +233,7 @@ class Engine:
             for placement in decision.placements:
                 if not self.launcher.may_launch(self.clock()):
                     break  # backpressure (Slurm step creation): the rest waits for a later tick
-                self._launch(placement, now)
+                self._launch(placement)
                 launched += 1
             self.on_tick(now)
             throttled = launched < len(decision.placements)
@@ -237,10 +251,31 @@ class Engine:
             self.signals.sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
     def _requests(self) -> list[policy.Request]:
-        return [
-            request_for(e, self._budget(e), self.learned.time_s(e.template, e.time_s))
-            for e in self.manifest.experiments
-        ]
+        """Every experiment's request, in manifest order; the same list (not to be mutated) while
+        nothing changed, else a new one where only the changed families' requests are rebuilt."""
+        key = (self.learned.version, self._overrides_version)
+        if key == self._request_key:
+            return self._request_list
+        exps = self.manifest.experiments
+        if self._request_key is None:
+            requests = [self._request(e) for e in exps]
+            self._family_versions = {t: self.learned.family_version(t) for t in self._positions}
+        else:
+            requests = list(self._request_list)
+            stale = {self._index[n] for n in self._raised if n in self._index}
+            for template, positions in self._positions.items():
+                version = self.learned.family_version(template)
+                if self._family_versions[template] != version:
+                    self._family_versions[template] = version
+                    stale.update(positions)
+            for i in stale:
+                requests[i] = self._request(exps[i])
+        self._raised.clear()
+        self._request_list, self._request_key = requests, key
+        return requests
+
+    def _request(self, exp: Experiment) -> policy.Request:
+        return request_for(exp, self._budget(exp), self.learned.time_s(exp.template, exp.time_s))
 
     def _budget(self, exp: Experiment) -> int | None:
         """Declared mem, raised to what grid siblings were seen to use and after a CUDA OOM."""
@@ -307,12 +342,15 @@ class Engine:
 
     # --- launch and reap ------------------------------------------------------------------
 
-    def _launch(self, placement: policy.Placement, now: float) -> None:
+    def _launch(self, placement: policy.Placement) -> None:
+        # The attempt's own start time, not the tick's: durations learned from it and its
+        # expected end should not include the scheduling work done before it in the tick.
+        now = self.clock()
         exp = self.by_name[placement.name]
         keys = tuple((placement.node, i) for i in placement.gpus)
         cuda_ids = tuple(self.cuda_ids[k] for k in keys)
-        number = self.store.next_attempt_number(exp.name)
-        previous = self.store.attempts(exp.name)
+        previous = self.store.attempts(exp.name)  # one read for the number and the resume flag
+        number = max((a.number for a in previous), default=0) + 1
         resume = bool(previous) and previous[-1].state == A_INTERRUPTED
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
@@ -338,11 +376,15 @@ class Engine:
         self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now)
 
     def _reap(self, now: float) -> None:
-        for name in list(self.running):
-            r = self.running[name]
+        done = []
+        for r in list(self.running.values()):
             ended, code = r.handle.poll()
             if ended:
-                self._ended(r, code, now, interrupted=False)
+                done.append((r, code))
+        if done:
+            with self.store.batch():  # what ended since the last tick: one commit
+                for r, code in done:
+                    self._ended(r, code, now, interrupted=False)
 
     def _ended(self, r: Running, code: int | None, now: float, interrupted: bool) -> None:
         name, exp = r.exp.name, r.exp
@@ -370,6 +412,8 @@ class Engine:
             if raised is not None:
                 self.oom_retries[name] = self.oom_retries.get(name, 0) + 1
                 self.mem_override[name] = raised
+                self._raised.add(name)
+                self._overrides_version += 1
                 event = Event(now, "oom", name, f"{name} ran out of GPU memory after {took} on {where}; retrying with mem {format_bytes(raised)}")
                 self.store.end_attempt(r.attempt_id, A_FAILED, code, now, PENDING, "CUDA out of memory; retrying", oom=True, event=event, usage=usage)
                 self.states[name] = PENDING
@@ -385,14 +429,19 @@ class Engine:
         self.store.end_attempt(r.attempt_id, A_FAILED, code, now, FAILED, outcome.reason, oom=outcome.oom, event=event, usage=usage)
         self.states[name] = FAILED
 
-    def _mark_doomed(self) -> None:
-        doomed = policy.doomed(self._requests(), {n: _TO_POLICY[s] for n, s in self.states.items()})
+    def _mark_doomed(self, requests: list[policy.Request], states: dict[str, State]) -> None:
+        """Skip what can never run (a dependency failed); `states`, the policy's view of this
+        tick, is updated too."""
+        doomed = policy.doomed(requests, states)
         if not doomed:
             return
-        self.store.set_states({n: (SKIPPED, why) for n, why in doomed.items()})
-        for name, why in doomed.items():
+        with self.store.batch():  # the skips with their events, in one commit
+            self.store.set_states({n: (SKIPPED, why) for n, why in doomed.items()})
+            for name, why in doomed.items():
+                self._event("skip", name, f"{name} skipped: {why}")
+        for name in doomed:
             self.states[name] = SKIPPED
-            self._event("skip", name, f"{name} skipped: {why}")
+            states[name] = _TO_POLICY[SKIPPED]
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -428,15 +477,16 @@ class Engine:
     def _finish(self, decision: policy.Decision) -> int:
         now = self.clock()
         waiting = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
-        for name in waiting:
-            reason = decision.waiting.get(name, "could not be placed")
-            self.store.set_state(name, self.states[name], reason)
         if waiting:
+            with self.store.batch():  # one commit for thousands left waiting
+                for name in waiting:
+                    reason = decision.waiting.get(name, "could not be placed")
+                    self.store.set_state(name, self.states[name], reason)
+                for name in waiting[:20]:
+                    self._event("warn", name, f"{name} cannot start: {decision.waiting.get(name, 'could not be placed')}")
             # Nothing runs and nothing can start: the remaining ones wait for time we don't have
             # (the next allocation will have it) or for resources that never free up.
             time_bound = any("left in the allocation" in decision.waiting.get(n, "") for n in waiting)
-            for name in waiting[:20]:
-                self._event("warn", name, f"{name} cannot start: {decision.waiting.get(name, 'could not be placed')}")
             if time_bound:
                 done = self.hooks.requeue()
                 if done:

@@ -24,20 +24,40 @@ class Learned:
 
     def __init__(self) -> None:
         self._times: dict[str, list[float]] = {}
+        self._medians: dict[str, float] = {}  # per family, dropped when a duration is added
         self._peaks: dict[str, int] = {}
+        # Bumped whenever an estimate may have changed, overall and per family, so callers can
+        # keep what they derived from the families that did not change.
+        self.version = 0
+        self._versions: dict[str, int] = {}
 
     def add(self, template: str, duration_s: float | None, peak_bytes: int | None) -> None:
         if duration_s is not None and duration_s >= 0:
             self._times.setdefault(template, []).append(duration_s)
-        if peak_bytes:
-            self._peaks[template] = max(self._peaks.get(template, 0), peak_bytes)
+            self._medians.pop(template, None)
+            self._changed(template)
+        if peak_bytes and peak_bytes > self._peaks.get(template, 0):
+            self._peaks[template] = peak_bytes
+            self._changed(template)
+
+    def _changed(self, template: str) -> None:
+        self.version += 1
+        self._versions[template] = self._versions.get(template, 0) + 1
+
+    def family_version(self, template: str) -> int:
+        return self._versions.get(template, 0)
 
     def time_s(self, template: str, declared: float | None) -> float | None:
+        median = self._medians.get(template)
+        if median is not None:
+            return median
         times = self._times.get(template)
         if not times:
             return declared
+        # Sorting 10,000 siblings per request per tick dominated a large rerun: once per change.
         ordered = sorted(times)
-        return ordered[len(ordered) // 2]
+        median = self._medians[template] = ordered[len(ordered) // 2]
+        return median
 
     def mem_bytes(self, template: str, declared: int | None) -> int | None:
         peak = self._peaks.get(template)

@@ -1,7 +1,8 @@
 """The run's state: one SQLite database (WAL) in the run directory, the only persistence.
 
-Every state change is its own committed transaction before the engine acts on it, so a scheduler killed at any moment leaves a database that says exactly what was
-launched (with its process group) and what ended. Readers (`status`, `watch`, `report`) open
+Every state change is committed, with its event, before the engine acts on it (alone, or in
+one `batch` with the other changes of the same moment), so a scheduler killed at any moment
+leaves a database that says exactly what was launched (with its process group) and what ended. Readers (`status`, `watch`, `report`) open
 it read-only while a run goes on.
 
 Tables:
@@ -204,6 +205,7 @@ class Store:
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
+        self._batched = False
 
     def close(self) -> None:
         self._db.close()
@@ -212,7 +214,13 @@ class Store:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """One committed write transaction; BEGIN IMMEDIATE takes the write lock up front (and
         waits up to timeout_s for another writer). Any SQLite failure, a full disk included,
-        rolls back and surfaces as one StoreError."""
+        rolls back and surfaces as one StoreError. Inside `batch()` it joins the batch's one."""
+        if self._batched:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: {exc}") from None
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -226,6 +234,22 @@ class Store:
         except BaseException:
             self._rollback()
             raise
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Make the writes inside one transaction: all of them or none survive a crash. For the
+        many changes of one moment (the ends reaped in one tick, 5,000 skips): one commit, not
+        one each. Each change still lands with its event; nothing may act on them before the
+        batch ends."""
+        if self._batched:
+            yield
+            return
+        with self.transaction():
+            self._batched = True
+            try:
+                yield
+            finally:
+                self._batched = False
 
     def _rollback(self) -> None:
         try:
@@ -259,10 +283,20 @@ class Store:
             "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest"
             " FROM experiments ORDER BY in_manifest DESC, ord"
         )
-        return [
-            ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), json.loads(r[8]), bool(r[9]))
-            for r in cur.fetchall()
-        ]
+        # Grid siblings share one spec text: parse it once (rows are read-only, sharing is safe).
+        specs: dict[str, Mapping[str, object]] = {}
+        rows = []
+        for r in cur.fetchall():
+            spec = specs.get(r[7])
+            if spec is None:
+                spec = specs[r[7]] = json.loads(r[7])
+            rows.append(ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]), bool(r[9])))
+        return rows
+
+    def experiment_states(self) -> dict[str, str]:
+        """name -> state of the experiments in the manifest, in manifest order (no JSON to parse)."""
+        cur = self._db.execute("SELECT name, state FROM experiments WHERE in_manifest = 1 ORDER BY ord")
+        return dict(cur.fetchall())
 
     def sync_experiments(self, rows: Sequence[ExperimentRow]) -> dict[str, str]:
         """Bring the table in line with the manifest being run.
@@ -271,10 +305,15 @@ class Store:
         differs (it then becomes pending again, whatever its state was). Experiments no longer
         in the manifest are kept, flagged in_manifest=0, so their history is not lost.
         """
-        known = {r.name: r for r in self.experiments()}
+        # The stored columns as text: a rerun of an unchanged manifest writes nothing per row.
+        known = {
+            r[0]: r[1:]
+            for r in self._db.execute(
+                "SELECT name, phase, template, ord, fingerprint, spec, params, in_manifest FROM experiments"
+            )
+        }
         changes: dict[str, str] = {}
         with self.transaction() as db:
-            db.execute("UPDATE experiments SET in_manifest = 0")
             for row in rows:
                 old = known.get(row.name)
                 spec, params = json.dumps(dict(row.spec), sort_keys=True), json.dumps(dict(row.params), default=str)
@@ -286,15 +325,25 @@ class Store:
                         (row.name, row.phase, row.template, row.ord, row.fingerprint, PENDING, spec, params),
                     )
                     continue
-                state, reason = old.state, old.reason
-                if old.fingerprint != row.fingerprint:
+                if old[3] != row.fingerprint:
                     changes[row.name] = "changed"
-                    state, reason = PENDING, "command, env or workdir changed"
-                db.execute(
-                    "UPDATE experiments SET phase = ?, template = ?, ord = ?, fingerprint = ?, state = ?,"
-                    " reason = ?, spec = ?, params = ?, in_manifest = 1 WHERE name = ?",
-                    (row.phase, row.template, row.ord, row.fingerprint, state, reason, spec, params, row.name),
-                )
+                    db.execute(
+                        "UPDATE experiments SET phase = ?, template = ?, ord = ?, fingerprint = ?, state = ?,"
+                        " reason = ?, spec = ?, params = ?, in_manifest = 1 WHERE name = ?",
+                        (row.phase, row.template, row.ord, row.fingerprint, PENDING,
+                         "command, env or workdir changed", spec, params, row.name),
+                    )  # fmt: skip
+                elif old != (row.phase, row.template, row.ord, row.fingerprint, spec, params, 1):
+                    db.execute(
+                        "UPDATE experiments SET phase = ?, template = ?, ord = ?, spec = ?, params = ?,"
+                        " in_manifest = 1 WHERE name = ?",
+                        (row.phase, row.template, row.ord, spec, params, row.name),
+                    )
+            names = {row.name for row in rows}
+            db.executemany(
+                "UPDATE experiments SET in_manifest = 0 WHERE name = ?",
+                [(name,) for name, old in known.items() if old[-1] and name not in names],
+            )
         return changes
 
     def set_state(self, name: str, state: str, reason: str | None = None) -> None:
@@ -409,13 +458,29 @@ class Store:
         if clauses:
             query += " WHERE " + " AND ".join(clauses)
         query += " ORDER BY id"
-        return [
-            AttemptRow(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], _gpus_tuple(r[9]), r[10], r[11], r[12],
-                r[13], r[14], bool(r[15]), r[16],
+        gpus: dict[str, tuple[int, ...]] = {}  # a few distinct values over thousands of rows
+        rows = []
+        for r in self._db.execute(query, args).fetchall():
+            g = gpus.get(r[9])
+            if g is None:
+                g = gpus[r[9]] = _gpus_tuple(r[9])
+            rows.append(
+                AttemptRow(
+                    r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], g, r[10], r[11], r[12], r[13], r[14],
+                    bool(r[15]), r[16],
+                )
             )
-            for r in self._db.execute(query, args).fetchall()
-        ]
+        return rows
+
+    def succeeded_attempts(self) -> list[tuple[str, float, float | None, int | None]]:
+        """(experiment, started_at, ended_at, peak_bytes) of every succeeded attempt, oldest first:
+        what estimates learn from, without building full rows for a large run's history."""
+        return list(
+            self._db.execute(
+                "SELECT experiment, started_at, ended_at, peak_bytes FROM attempts WHERE state = ? ORDER BY id",
+                (A_SUCCEEDED,),
+            )
+        )
 
     # --- events and samples -------------------------------------------------------------
 
