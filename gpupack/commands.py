@@ -167,9 +167,12 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
     problems = []
+    reasons: dict[tuple[int, int | None, int], str | None] = {}  # a 10,000-run grid has a few shapes
     for exp in manifest.experiments:
-        req = engine_mod.request_for(exp, exp.mem_bytes)
-        why = policy.unfit_reason(req, snaps, headroom)
+        shape = (exp.gpus, exp.mem_bytes, exp.cpus)  # all that unfit_reason looks at
+        if shape not in reasons:
+            reasons[shape] = policy.unfit_reason(engine_mod.request_for(exp, exp.mem_bytes), snaps, headroom)
+        why = reasons[shape]
         if why:
             field = "gpus" if "GPU" in why and "memory" not in why else "mem"
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")

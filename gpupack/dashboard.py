@@ -169,9 +169,9 @@ def estimate_eta(
     mean duration of its grid siblings that succeeded, else is counted as unknown."""
     learned: dict[str, list[float]] = defaultdict(list)
     template = {e.name: e.template for e in experiments}
-    for a in store.attempts(states=[A_SUCCEEDED]):
-        if a.ended_at is not None and a.experiment in template:
-            learned[template[a.experiment]].append(a.ended_at - a.started_at)
+    for name, started_at, ended_at, _peak in store.succeeded_attempts():
+        if ended_at is not None and name in template:
+            learned[template[name]].append(ended_at - started_at)
     started = {a.experiment: a.started_at for a in running}
     work, longest, unknown = 0.0, 0.0, 0
     for e in experiments:
@@ -321,7 +321,7 @@ class Dashboard:
         runs = self.store.runs()
         since = _seconds(runs[-1]["started_at"]) if runs else None
         if since is not None:
-            self._last_event_id = max((e.id for e in self.store.events() if e.t < since), default=0)
+            self._last_event_id = self.store.last_event_id(before=since)
         if self.live:
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
             self._live.start()
@@ -333,9 +333,12 @@ class Dashboard:
                 self._last_draw = now
                 self._live.update(live_renderable(build_view(self.store, now)), refresh=True)
             return
+        lines = []
         for event in self.store.events(after_id=self._last_event_id):
-            self._write(event_line(event))
+            lines.append(event_line(event))
             self._last_event_id = event.id
+        if lines:  # one write per tick: a tick that starts 300 experiments prints 300 lines at once
+            self._write("\n".join(lines))
         if self._last_snapshot is None or now - self._last_snapshot >= self.log_every_s:
             self._last_snapshot = now
             self._write(plain_snapshot(build_view(self.store, now)))

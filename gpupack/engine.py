@@ -120,6 +120,8 @@ class Engine:
         self._last_sample = 0.0
         self._alloc_end: str | None = None
         self.learned = Learned()
+        # The scheduler's environment, read once: os.environ decodes every variable on each read.
+        self._base_env = dict(os.environ)
         # The tick's requests, rebuilt only where an estimate or a raised budget changed them.
         self._request_list: list[policy.Request] = []
         self._request_key: tuple[int, int] | None = None
@@ -358,7 +360,7 @@ class Engine:
             exp.name, number, self.run_id, placement.node, placement.gpus, str(log_path), budget, now
         )
         env = experiment_env(
-            os.environ, exp.env, name=exp.name, run_dir=self.manifest.run_dir, out_dir=exp.out_dir,
+            self._base_env, exp.env, name=exp.name, run_dir=self.manifest.run_dir, out_dir=exp.out_dir,
             attempt=number, resume=resume, cuda_ids=cuda_ids,
         )
         spec = LaunchSpec(exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus)

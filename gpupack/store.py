@@ -499,6 +499,10 @@ class Store:
             args.append(limit)
         return [EventRow(*r) for r in self._db.execute(query, args).fetchall()]
 
+    def last_event_id(self, before: float) -> int:
+        """The id of the last event stamped before `before` (0 if none): where a run's own events begin."""
+        return self._db.execute("SELECT coalesce(max(id), 0) FROM events WHERE t < ?", (before,)).fetchone()[0]
+
     def add_gpu_samples(self, t: float, samples: Sequence[tuple[str, int, float | None, int | None, int]]) -> None:
         """samples: (node, gpu index, util percent, used bytes, total bytes)."""
         with self.transaction() as db:

@@ -1,0 +1,63 @@
+"""The state database's write discipline: batches are all-or-nothing, a rerun of an unchanged
+manifest rewrites nothing, a readers' view of a batch is the whole of it or none of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpupack.store import FAILED, PENDING, SKIPPED, ExperimentRow, Store
+
+SPEC = {"gpus": 1, "mem_bytes": 10**9, "time_s": 60.0}
+
+
+def row(name: str, ord_: int, fingerprint: str = "f", phase: str = "p") -> ExperimentRow:
+    return ExperimentRow(name, phase, "t{i}", ord_, fingerprint, PENDING, None, SPEC, {"i": ord_}, True)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "state.db")
+    s.sync_experiments([row(f"t{i}", i) for i in range(5)])
+    return s
+
+
+def test_a_batch_lands_whole_and_a_failed_batch_leaves_nothing(store: Store, tmp_path: Path) -> None:
+    reader = Store(tmp_path / "state.db", readonly=True)
+    with store.batch():
+        store.set_state("t0", FAILED, "exit 1")
+        store.event("fail", "t0", "t0 failed", 1.0)
+        # Not committed yet: another process sees none of it.
+        assert reader.experiment_states()["t0"] == PENDING and reader.last_event_id(before=2.0) == 0
+    assert reader.experiment_states()["t0"] == FAILED and reader.last_event_id(before=2.0) > 0
+
+    with pytest.raises(RuntimeError), store.batch():
+        store.set_states({"t1": (SKIPPED, "dependency failed"), "t2": (SKIPPED, "dependency failed")})
+        store.event("skip", "t1", "t1 skipped", 3.0)
+        raise RuntimeError("the scheduler dies mid-batch")
+    assert reader.experiment_states() == {"t0": FAILED, "t1": PENDING, "t2": PENDING, "t3": PENDING, "t4": PENDING}
+    assert [e.experiment for e in reader.events()] == ["t0"]
+    reader.close()
+
+
+def test_resyncing_an_unchanged_manifest_writes_nothing(store: Store) -> None:
+    rows = [row(f"t{i}", i) for i in range(5)]
+    store.set_state("t3", FAILED, "exit 1")
+    before = store._db.total_changes
+    assert store.sync_experiments(rows) == {}
+    assert store._db.total_changes == before  # no row rewritten for 10,000 unchanged experiments
+    assert store.experiment_states()["t3"] == FAILED
+
+
+def test_resync_marks_changed_commands_and_keeps_dropped_experiments(store: Store) -> None:
+    rows = [row("t0", 0, fingerprint="g"), row("t1", 1, phase="q"), row("t2", 2)]  # t3, t4 dropped
+    store.set_state("t0", FAILED, "exit 1")
+    assert store.sync_experiments(rows) == {"t0": "changed"}
+    kept = {r.name: r for r in store.experiments()}
+    assert kept["t0"].state == PENDING and kept["t0"].reason == "command, env or workdir changed"
+    assert kept["t1"].phase == "q" and kept["t1"].in_manifest
+    assert not kept["t3"].in_manifest and not kept["t4"].in_manifest  # history kept, flagged out
+    assert list(store.experiment_states()) == ["t0", "t1", "t2"]
+    store.sync_experiments([row(f"t{i}", i) for i in range(5)])  # back in the manifest
+    assert store.experiments()[4].in_manifest
