@@ -20,7 +20,7 @@ def format_bytes(n: int | float | None) -> str:
 
 
 def format_duration(seconds: float | None) -> str:
-    """90 -> '1m30s', 7260 -> '2h01m', 93600 -> '1d2h'."""
+    """90 -> '1m30s', 7260 -> '2h01m', 93600 -> '1d02h': two units, the second zero-padded."""
     if seconds is None:
         return "?"
     s = int(round(max(0.0, seconds)))
@@ -30,7 +30,7 @@ def format_duration(seconds: float | None) -> str:
         return f"{s // 60}m{s % 60:02d}s"
     if s < 86400:
         return f"{s // 3600}h{(s % 3600) // 60:02d}m"
-    return f"{s // 86400}d{(s % 86400) // 3600}h"
+    return f"{s // 86400}d{(s % 86400) // 3600:02d}h"
 
 
 _SIZE_UNITS = {

@@ -559,3 +559,14 @@ def test_error_lines_are_single_lines(tmp_path: Path) -> None:
     found = problems(tmp_path, manifest(exp("a\r\nb", cmd="x\n{nope}")))
     assert all("\n" not in f and "\r" not in f for f in found)
     assert json.dumps(found)  # printable, serializable
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(None, "?"), (-3, "0s"), (59.4, "59s"), (59.6, "1m00s"), (90, "1m30s"), (3599, "59m59s"),
+     (7260, "2h01m"), (86399, "23h59m"), (86400, "1d00h"), (93600, "1d02h"), (30 * 86400 + 3600, "30d01h")],
+)  # fmt: skip
+def test_durations_are_shown_in_two_units(seconds: float | None, shown: str) -> None:
+    from gpupack.units import format_duration
+
+    assert format_duration(seconds) == shown
