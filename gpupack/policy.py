@@ -111,6 +111,9 @@ class GpuSnapshot:
     free_bytes: int | None = None  # live reading (NVML / simulated); None = unknown
     util_percent: float | None = None
     uuid: str = ""
+    # Non-empty: why nothing new may start here (readings failing, node lost or not heard from);
+    # its occupants stay as they are.
+    unavailable: str = ""
 
     @property
     def key(self) -> GpuKey:
@@ -193,6 +196,7 @@ class _Gpu:
     occupants: int = 0
     holders: int = 0
     util_sum: float = 0.0  # compute share its occupants keep busy
+    unavailable: str = ""  # GpuSnapshot.unavailable: takes nobody new
 
     def load_after(self, req: Request) -> float:
         """How oversubscribed this GPU's compute is once `req` joins: 1 while the utils sum to at
@@ -200,8 +204,9 @@ class _Gpu:
         return round(max(1.0, self.util_sum + req.util), 6)
 
     def room(self, headroom: int) -> int | None:
-        """Bytes a newcomer may take, or None when an occupant holds the GPU whole."""
-        if self.holders:
+        """Bytes a newcomer may take, or None when an occupant holds the GPU whole (or it takes
+        nobody new)."""
+        if self.holders or self.unavailable:
             return None
         room = self.total_bytes - headroom - self.budget_sum
         if self.free_bytes is not None:
@@ -210,12 +215,15 @@ class _Gpu:
 
     def hole_after(self, req: Request, headroom: int) -> int | None:
         """Room left once `req` is placed here (the best-fit key), or None if it does not fit."""
-        if req.holds_whole and self.occupants:
+        if self.unavailable or (req.holds_whole and self.occupants):
             return None
         if req.mem_bytes is None:
             return 0
         room = self.room(headroom)
         return None if room is None or room < req.mem_bytes else room - req.mem_bytes
+
+
+_NO_GPU = _Gpu(("", -1), -1, 0, None)  # stands for "no GPU at all" in the node filter above
 
 
 class _View:
@@ -228,7 +236,7 @@ class _View:
         self.by_node: dict[str, list[_Gpu]] = {}
         for snap in gpus:
             if snap.key not in self.gpus:
-                g = _Gpu(snap.key, len(self.gpus), snap.total_bytes, snap.free_bytes)
+                g = _Gpu(snap.key, len(self.gpus), snap.total_bytes, snap.free_bytes, unavailable=snap.unavailable)
                 self.gpus[snap.key] = g
                 self.by_node.setdefault(snap.node, []).append(g)
         self.nodes = list(self.by_node) + [n for n in self.cpu_limit if n not in self.by_node]
@@ -275,7 +283,8 @@ class _View:
     ) -> Placement | None:
         """Best-fit placement of `req` on one node, or None."""
         nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (not node_ok or node_ok(n))]
-        if req.gpus == 0:
+        if req.gpus == 0:  # not on a node whose GPUs all take nobody new (lost, not heard from)
+            nodes = [n for n in nodes if not all(g.unavailable for g in self.by_node.get(n, ()) or [_NO_GPU])]
             return Placement(req.name, nodes[0], ()) if nodes else None
         best: tuple[tuple[float, int, int], str, list[_Gpu]] | None = None
         for node in nodes:

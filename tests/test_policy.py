@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -567,3 +568,19 @@ def test_invariants_on_random_worlds(
             assert budgets[g.key] <= g.total_bytes - headroom * GB
             if g.free_bytes is not None:
                 assert g.free_bytes - unalloc[g.key] >= headroom * GB
+
+
+# --- GPUs that take nobody new -------------------------------------------------------------------
+
+
+def test_an_unavailable_gpu_takes_nobody_new_and_says_nothing_of_its_occupants() -> None:
+    down = replace(gpu(0), unavailable="readings failing")
+    d = decide([req("a"), req("b")], [down, gpu(1, node="n0")])
+    assert placed(d) == {"a": ("n0", (1,)), "b": ("n0", (1,))}
+    assert decide([req("a")], [down]).placements == ()
+
+
+def test_cpu_only_work_avoids_a_node_whose_gpus_are_all_unavailable() -> None:
+    lost = [replace(gpu(i, node="n1"), unavailable="node lost") for i in range(2)]
+    d = decide([req("cpu", mem=None, gpus=0)], [*lost, gpu(0, node="n2")])
+    assert placed(d) == {"cpu": ("n2", ())}
