@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
@@ -134,6 +134,8 @@ class Launcher(Protocol):
 
     def may_launch(self, now: float) -> bool: ...
 
+    def lost(self, name: str) -> str | None: ...
+
     def ended(self, name: str) -> None: ...
 
 
@@ -144,6 +146,11 @@ class LocalLauncher:
 
     def may_launch(self, now: float) -> bool:
         return True
+
+    def lost(self, name: str) -> str | None:
+        """Why the attempt `name`, which has just ended, was lost with its node (None: it ran
+        its course). Such an attempt is interrupted, whatever its exit code."""
+        return None
 
     def ended(self, name: str) -> None:
         pass
@@ -184,17 +191,30 @@ class SrunLauncher(LocalLauncher):
     kind = "srun"
     WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
-    def __init__(self, mode: GpuMode, node_gpus: int | None = None, max_steps_per_s: int = 5):
+    def __init__(
+        self,
+        mode: GpuMode,
+        node_gpus: int | Mapping[str, int] | None = None,
+        max_steps_per_s: int = 5,
+        lost_nodes: Callable[[bool], Mapping[str, str]] | None = None,
+    ):
+        """`node_gpus`: the job's GPU count on every node, or per node (overlap mode asks for
+        all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch)."""
         from .slurm import StepThrottle
 
         self.mode = mode
         self.node_gpus = node_gpus
+        self.lost_nodes = lost_nodes
         self.throttle = StepThrottle(max_steps_per_s)
         self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
+        self._steps: dict[str, tuple[Path, int, str]] = {}  # name -> (log, offset at launch, node)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
 
+        node_gpus = self.node_gpus
+        if isinstance(node_gpus, Mapping):
+            node_gpus = node_gpus.get(spec.node)
         return srun_argv(
             name=spec.name,
             node=spec.node,
@@ -202,7 +222,7 @@ class SrunLauncher(LocalLauncher):
             cpus=spec.cpus,
             mode=self.mode,
             inner_argv=["bash", "-c", spec.cmd],
-            node_gpus=self.node_gpus,
+            node_gpus=node_gpus,
         )
 
     def launch(self, spec: LaunchSpec) -> Handle:
@@ -211,7 +231,29 @@ class SrunLauncher(LocalLauncher):
         now = time.time()
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
+        self._steps[spec.name] = (spec.log_path, offset, spec.node)
         return handle
+
+    def lost(self, name: str) -> str | None:
+        """srun exits 0 when the step's node fails under it, saying `Node failure on n2` on
+        stderr (the attempt's log): that, or the allocation having lost the node, is a loss."""
+        if name not in self._steps:
+            return None
+        from .slurm_nodes import node_failures
+
+        log, offset, node = self._steps[name]
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(offset, f.seek(0, os.SEEK_END) - 65536))  # srun's last words
+                failed = node_failures(f.read().decode(errors="replace"))
+        except OSError:
+            failed = set()
+        lost = self.lost_nodes(bool(failed)) if self.lost_nodes is not None else {}
+        if node in lost:
+            return f"node {node} {lost[node]}"
+        if failed:
+            return f"node failure on {', '.join(sorted(failed))} (srun)"
+        return None
 
     def may_launch(self, now: float) -> bool:
         for name, (log, offset, since) in list(self._watched.items()):
@@ -229,6 +271,7 @@ class SrunLauncher(LocalLauncher):
 
     def ended(self, name: str) -> None:
         self._watched.pop(name, None)
+        self._steps.pop(name, None)
         self.throttle.ended(name)
 
 
