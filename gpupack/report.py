@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -426,19 +427,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
-    """Writes report/summary.json, report/timeline.png (only with matplotlib) and report/report.html;
-    returns {"summary": path, "timeline": path, "html": path} for the files written."""
+def write_report(run_dir: Path, out_dir: Path | None = None, store: Store | None = None) -> dict[str, Path]:
+    """Writes summary.json, timeline.png (only with matplotlib) and report.html into out_dir
+    (default <run>/report; another place for a read-only run directory); returns {"summary": path,
+    "timeline": path, "html": path} for the files written. `store`: the run's database as
+    reader.open_database gives it (opened here when not given)."""
     run_dir = Path(run_dir)
-    store = Store(run_dir / "state.db", readonly=True)
-    try:
-        facts = load_facts(store)
-    finally:
-        store.close()
+    if store is None:
+        from .reader import open_database
+
+        with closing(open_database(run_dir)) as own:
+            return write_report(run_dir, out_dir, own)
+    facts = load_facts(store)
     summary = summarize(facts)
     png = timeline_png(facts, summary)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
     summary["timeline_png"] = "timeline.png" if png is not None else None
     _write_atomic(written["summary"], (json.dumps(summary, indent=2) + "\n").encode())
