@@ -159,18 +159,25 @@ def run(args: RunArgs, console: Console) -> int:
             eng.close(code)
             publisher.close(code)
         if args.report:
-            _write_report(manifest.run_dir, console)
+            _write_report(manifest.run_dir, store, console)
         store.close()
         return code
 
 
-def _write_report(run_dir: Path, console: Console) -> None:
+def _write_report(run_dir: Path, store: Store, console: Console) -> None:
+    """report/ without timeline.png (README "The run directory"), and only when the run changed
+    what it shows: a rerun over 10,000 finished experiments redrew them all, for nothing."""
+    html = run_dir / "report" / "report.html"
+    mark = store.change_mark()
+    if store.meta().get("report_mark") == mark and html.is_file():
+        console.print(f"report: {html} (nothing changed)", highlight=False, soft_wrap=True)
+        return
     try:
         from .report import write_report
 
-        paths = write_report(run_dir)
-        if "html" in paths:
-            console.print(f"report: {paths['html']}", highlight=False)
+        paths = write_report(run_dir, png=False, store=store)
+        store.set_meta({"report_mark": mark})
+        console.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
     except Exception as exc:  # a report is a convenience; never let it turn a good run into a failure
         console.print(f"warning: could not write the report: {exc}", highlight=False)
 
@@ -291,7 +298,7 @@ def report(run_dir: Path, console: Console, out_dir: Path | None = None) -> int:
     from .report import write_report
 
     try:
-        written = write_report(run_dir, out_dir, store=store)
+        written = write_report(run_dir, out_dir=out_dir, store=store)
     except OSError as exc:  # report/ in a read-only run directory: say where else it can go
         where = out_dir or run_dir / "report"
         raise GpupackError(f"{where}: cannot write the report: {exc.strerror}; choose another place with --out DIR") from None

@@ -297,6 +297,17 @@ class Store:
             rows.append(ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]), bool(r[9])))
         return rows
 
+    def change_mark(self) -> str:
+        """What a report shows, in a few aggregates: equal marks, an equal report (windows aside).
+        Two aggregate queries, so a rerun of 10,000 finished experiments can tell cheaply."""
+        attempts = self._db.execute(
+            "SELECT count(*), coalesce(max(id), 0), count(ended_at), total(peak_bytes), total(mean_util) FROM attempts"
+        ).fetchone()
+        states = self._db.execute(
+            "SELECT state, count(*), total(ord) FROM experiments WHERE in_manifest = 1 GROUP BY state ORDER BY state"
+        ).fetchall()
+        return repr((tuple(attempts), [tuple(r) for r in states]))
+
     def experiment_states(self) -> dict[str, str]:
         """name -> state of the experiments in the manifest, in manifest order (no JSON to parse)."""
         cur = self._db.execute("SELECT name, state FROM experiments WHERE in_manifest = 1 ORDER BY ord")
