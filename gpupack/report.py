@@ -24,6 +24,7 @@ import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -384,22 +385,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(run_dir: Path, png: bool = True) -> dict[str, Path]:
-    """Writes report/summary.json, report/report.html (its timeline inline SVG) and, with png and
-    matplotlib installed, report/timeline.png; returns {"summary", "html", "timeline"} paths of
-    the files written. Without png (the end of `gpupack run`: matplotlib's import alone costs
-    half a second) an older timeline.png is removed rather than left beside a newer report."""
+def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, store: Store | None = None) -> dict[str, Path]:
+    """Writes summary.json, report.html (its timeline inline SVG) and, with png and matplotlib
+    installed, timeline.png into out_dir (default <run>/report; another place for a read-only run
+    directory); returns {"summary", "html", "timeline"} paths of the files written. Without png
+    (the end of `gpupack run`: matplotlib's import alone costs half a second) an older
+    timeline.png is removed rather than left beside a newer report. `store`: the run's database
+    as reader.open_database gives it (opened here when not given)."""
     run_dir = Path(run_dir)
-    store = Store(run_dir / "state.db", readonly=True)
-    try:
-        facts = load_facts(store)
-    finally:
-        store.close()
+    if store is None:
+        from .reader import open_database
+
+        with closing(open_database(run_dir)) as own:
+            return write_report(run_dir, png, out_dir, own)
+    facts = load_facts(store)
     summary = summarize(facts)
     lay = timeline_layout(facts, summary)
     image = timeline_png(lay) if png else None
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
     summary["timeline_png"] = "timeline.png" if image is not None else None
     _write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
