@@ -6,8 +6,6 @@ directory is busy / unusable), 3 stopped early (preempted, or the time left was 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import fnmatch
 import json
 import os
@@ -15,7 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -61,30 +59,17 @@ def _load_manifest(path: Path) -> manifest_mod.Manifest:
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One scheduler per run directory: an flock held for the life of the process (released by
-    the kernel even on kill -9, so a crash never leaves a stale lock)."""
-    path = run_dir / "lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise GpupackError(f"{run_dir}: cannot use the run directory: {exc.strerror}") from None
-    try:
+def run_lock(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
+    """One scheduler per run directory (runlock.py: flock, or an O_EXCL lock file where the file
+    system refuses flock)."""
+    from .runlock import LockError, run_lock as lock
+
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise GpupackError(
-                f"{run_dir}: another gpupack run is using this run directory ({holder}); "
-                "wait for it to end or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            stack.enter_context(lock(run_dir, job_id))
+        except LockError as exc:
+            raise GpupackError(str(exc)) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def run(args: RunArgs, console: Console) -> int:
@@ -110,7 +95,7 @@ def run(args: RunArgs, console: Console) -> int:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
-    with run_lock(manifest.run_dir):
+    with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
         try:
             store = Store(manifest.run_dir / "state.db")
         except StoreError as exc:
