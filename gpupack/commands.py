@@ -105,6 +105,7 @@ def run(args: RunArgs, console: Console) -> int:
         except ValueError as exc:
             raise GpupackError(f"--headroom: {exc}") from None
     _refuse_unfit(manifest, inventory, headroom)
+    _refuse_bad_preempt_signal()
     try:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -116,7 +117,9 @@ def run(args: RunArgs, console: Console) -> int:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
-            launcher: LocalLauncher = SrunLauncher(mode, node_gpus=allocation.gpus_per_node or None)
+            launcher: LocalLauncher = SrunLauncher(
+                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+            )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
             launcher = LocalLauncher()
@@ -178,6 +181,17 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
+
+
+def _refuse_bad_preempt_signal() -> None:
+    """GPUPACK_PREEMPT_SIGNAL in the scheduler's environment (a manifest's `env` is checked with
+    the manifest): a signal neither gpupack nor `gpupack.job` understands is refused up front."""
+    from .signals import preempt_signal
+
+    try:
+        preempt_signal(os.environ)
+    except ValueError as exc:
+        raise GpupackError(f"environment: {exc}") from None
 
 
 def plan(
