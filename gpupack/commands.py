@@ -23,7 +23,7 @@ from rich.console import Console
 
 from . import engine as engine_mod
 from . import manifest as manifest_mod
-from .gpus import GpuSpecError, open_probe
+from .gpus import GpuSpecError, NvmlError, open_probe
 from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
 
@@ -94,8 +94,10 @@ def run(args: RunArgs, console: Console) -> int:
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ, fallback)
-    except GpuSpecError as exc:
+        probe, note = open_probe(
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0
+        )
+    except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
     headroom = 0

@@ -215,6 +215,9 @@ class Engine:
             now = self.clock()
             self._reap(now)
             # Read after reaping so the memory of what just ended is not counted as used.
+            track = getattr(self.probe, "track", None)  # NVML: whose processes are whose
+            if track is not None:
+                track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
             if self.signals.reason is not None:
