@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report/ (summary.json, timeline.png, report.html)")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, metavar="DIR", help="write the files here instead of RUN_DIR/report (a read-only run directory)")
 
     p = sub.add_parser("results", help="tables of results.json metrics, mean +- 95%% CI over seeds")
     p.add_argument("run_dir", type=Path)
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "watch":
             return commands.watch(args.run_dir, args.interval, console)
         if args.command == "report":
-            return commands.report(args.run_dir, console)
+            return commands.report(args.run_dir, console, args.out)
         if args.command == "results":
             return commands.results(args.run_dir, args.by, args.format, sys.stdout)
         if args.command == "reset":

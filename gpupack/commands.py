@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -130,12 +131,23 @@ def run(args: RunArgs, console: Console) -> int:
         eng = engine_mod.Engine(manifest, store, probe, launcher, inventory, options, hooks)
         from .dashboard import Dashboard
 
+        from .publish import Publisher
+
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
-        eng.on_tick = board.refresh
+        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s)
+
+        def on_tick(now: float) -> None:
+            board.refresh(now)
+            publisher.tick(now)
+
+        eng.on_tick = on_tick
         eng.signals.install()
         code = EXIT_FAILED
         try:
+            # Before prepare: readers on other hosts must see this scheduler's heartbeat (and keep
+            # off its WAL database) from its first moment, not an earlier run's end.
+            publisher.start()
             eng.prepare()
             if note:
                 store.event("warn", None, note)
@@ -150,19 +162,27 @@ def run(args: RunArgs, console: Console) -> int:
         finally:
             board.stop()
             eng.close(code)
+            publisher.close(code)
         if args.report:
-            _write_report(manifest.run_dir, console)
+            _write_report(manifest.run_dir, store, console)
         store.close()
         return code
 
 
-def _write_report(run_dir: Path, console: Console) -> None:
+def _write_report(run_dir: Path, store: Store, console: Console) -> None:
+    """report/ without timeline.png (README "The run directory"), and only when the run changed
+    what it shows: a rerun over 10,000 finished experiments redrew them all, for nothing."""
+    html = run_dir / "report" / "report.html"
+    mark = store.change_mark()
+    if store.meta().get("report_mark") == mark and html.is_file():
+        console.print(f"report: {html} (nothing changed)", highlight=False, soft_wrap=True)
+        return
     try:
         from .report import write_report
 
-        paths = write_report(run_dir)
-        if "html" in paths:
-            console.print(f"report: {paths['html']}", highlight=False)
+        paths = write_report(run_dir, png=False, store=store)
+        store.set_meta({"report_mark": mark})
+        console.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
     except Exception as exc:  # a report is a convenience; never let it turn a good run into a failure
         console.print(f"warning: could not write the report: {exc}", highlight=False)
 
@@ -220,33 +240,50 @@ def plan(
     return EXIT_OK
 
 
-def _open_store(run_dir: Path) -> Store:
-    db = run_dir / "state.db"
-    if not db.is_file():
+def _check_run_dir(run_dir: Path) -> None:
+    if not (run_dir / "state.db").is_file():
         raise GpupackError(f"{run_dir}: not a gpupack run directory (no state.db)")
+
+
+def _open_store(run_dir: Path) -> Store:
+    """The run's database read-only, from any host and on a read-only copy (reader.py)."""
+    from .reader import open_database
+
+    _check_run_dir(run_dir)
     try:
-        return Store(db, readonly=True)
+        return open_database(run_dir)
     except StoreError as exc:
         raise GpupackError(str(exc)) from None
 
 
 def status(run_dir: Path, as_json: bool, out: IO[str], console: Console) -> int:
-    from .status import status_data
+    from .reader import open_run
 
-    store = _open_store(run_dir)
-    data = status_data(store, store.meta().get("run_name", run_dir.name))
+    _check_run_dir(run_dir)
+    try:
+        source = open_run(run_dir)
+    except StoreError as exc:
+        raise GpupackError(str(exc)) from None
+    try:
+        now = time.time()
+        data = source.status()
+        line = source.writer_line(now)
+    finally:
+        source.close()
     if as_json:
-        json.dump(data, out, indent=1)
+        json.dump({**data, "scheduler": line, "source": source.source}, out, indent=1)
         out.write("\n")
         return EXIT_OK
     from .dashboard import status_table
 
     console.print(status_table(data))
+    if line:
+        console.print(line, markup=False, highlight=False)
     return EXIT_OK
 
 
 def reset(run_dir: Path, patterns: Sequence[str], console: Console) -> int:
-    _open_store(run_dir).close()
+    _check_run_dir(run_dir)
     with run_lock(run_dir):
         store = Store(run_dir / "state.db")
         names = [r.name for r in store.experiments()]
@@ -265,25 +302,38 @@ def reset(run_dir: Path, patterns: Sequence[str], console: Console) -> int:
 def watch(run_dir: Path, interval_s: float, console: Console) -> int:
     from .dashboard import watch as watch_view
 
-    _open_store(run_dir).close()
-    return watch_view(run_dir, console, interval_s)
+    _check_run_dir(run_dir)
+    try:
+        return watch_view(run_dir, console, interval_s)
+    except StoreError as exc:
+        raise GpupackError(str(exc)) from None
 
 
-def report(run_dir: Path, console: Console) -> int:
-    _open_store(run_dir).close()
+def report(run_dir: Path, console: Console, out_dir: Path | None = None) -> int:
+    store = _open_store(run_dir)
     from .report import write_report
 
-    for kind, path in write_report(run_dir).items():
+    try:
+        written = write_report(run_dir, out_dir=out_dir, store=store)
+    except OSError as exc:  # report/ in a read-only run directory: say where else it can go
+        where = out_dir or run_dir / "report"
+        raise GpupackError(f"{where}: cannot write the report: {exc.strerror}; choose another place with --out DIR") from None
+    finally:
+        store.close()
+    for kind, path in written.items():
         console.print(f"{kind}: {path}", highlight=False)
     return EXIT_OK
 
 
 def results(run_dir: Path, by: Sequence[str] | None, fmt: str, out: IO[str]) -> int:
-    _open_store(run_dir).close()
+    store = _open_store(run_dir)
     from . import results as results_mod
 
     problems: list[str] = []
-    rows = results_mod.collect(run_dir, problems)
+    try:
+        rows = results_mod.collect(run_dir, problems, store=store)
+    finally:
+        store.close()
     for line in problems:
         print(f"gpupack: warning: {line}", file=sys.stderr)
     try:

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -301,11 +299,37 @@ def plain_snapshot(view: View, width: int = SNAPSHOT_WIDTH) -> str:
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())
 
 
+class ViewSource(Protocol):
+    """Where a dashboard's views and events come from: the database (the engine, `watch` on the
+    scheduler's host) or the published snapshot (reader.py, `watch` from another host)."""
+
+    def view(self, now: float) -> View: ...
+    def events_after(self, event_id: int) -> list[EventRow]: ...
+    def first_event_id(self) -> int: ...
+
+
+class StoreViews:
+    def __init__(self, store: Store):
+        self.store = store
+
+    def view(self, now: float) -> View:
+        return build_view(self.store, now)
+
+    def events_after(self, event_id: int) -> list[EventRow]:
+        return self.store.events(after_id=event_id)
+
+    def first_event_id(self) -> int:
+        """Events before this run began: a dashboard shows this run's, not the run directory's history."""
+        runs = self.store.runs()
+        since = _seconds(runs[-1]["started_at"]) if runs else None
+        return self.store.last_event_id(before=since) if since is not None else 0
+
+
 class Dashboard:
     """The run as the engine shows it: call start(), refresh(now) on every tick, stop()."""
 
-    def __init__(self, store: Store, run_dir: Path, console: Console, live: bool, log_every_s: float = 60.0):
-        self.store = store
+    def __init__(self, store: Store | ViewSource, run_dir: Path, console: Console, live: bool, log_every_s: float = 60.0):
+        self.source: ViewSource = StoreViews(store) if isinstance(store, Store) else store
         self.run_dir = Path(run_dir)
         self.console = console
         self.live = live
@@ -317,11 +341,7 @@ class Dashboard:
 
     def start(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
-        # Show this run's events, not the whole history of the run directory's earlier runs.
-        runs = self.store.runs()
-        since = _seconds(runs[-1]["started_at"]) if runs else None
-        if since is not None:
-            self._last_event_id = self.store.last_event_id(before=since)
+        self._last_event_id = self.source.first_event_id()
         if self.live:
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
             self._live.start()
@@ -331,22 +351,22 @@ class Dashboard:
         if self._live is not None:
             if now - self._last_draw >= _LIVE_MIN_INTERVAL_S:
                 self._last_draw = now
-                self._live.update(live_renderable(build_view(self.store, now)), refresh=True)
+                self._live.update(live_renderable(self.source.view(now)), refresh=True)
             return
         lines = []
-        for event in self.store.events(after_id=self._last_event_id):
+        for event in self.source.events_after(self._last_event_id):
             lines.append(event_line(event))
             self._last_event_id = event.id
         if lines:  # one write per tick: a tick that starts 300 experiments prints 300 lines at once
             self._write("\n".join(lines))
         if self._last_snapshot is None or now - self._last_snapshot >= self.log_every_s:
             self._last_snapshot = now
-            self._write(plain_snapshot(build_view(self.store, now)))
+            self._write(plain_snapshot(self.source.view(now)))
 
     def stop(self, now: float | None = None) -> None:
         now = time.time() if now is None else now
         if self._live is not None:
-            self._live.update(live_renderable(build_view(self.store, now)), refresh=True)
+            self._live.update(live_renderable(self.source.view(now)), refresh=True)
             self._live.stop()
             self._live = None
             return
@@ -396,43 +416,26 @@ def status_table(data: dict[str, Any], now: float | None = None) -> RenderableTy
     return Group(table, summary)
 
 
-def _run_over(store: Store) -> str | None:
-    """Why the run is over (None while it goes on): it recorded its end, or its scheduler is gone."""
-    runs = store.runs()
-    if not runs:
-        return None
-    last = runs[-1]
-    if last["ended_at"] is not None:
-        return f"run ended (exit code {last['exit_code']})"
-    if last["host"] == socket.gethostname():
-        try:
-            os.kill(int(str(last["pid"])), 0)
-        except ProcessLookupError:
-            return f"the scheduler (pid {last['pid']}) is gone without recording an end"
-        except PermissionError:
-            pass  # alive, someone else's
-    return None
-
-
 def watch(run_dir: Path, console: Console, interval_s: float = 2.0) -> int:
-    """`gpupack watch`: the run's dashboard from another terminal, read-only, until it ends or Ctrl-C."""
-    store = Store(Path(run_dir) / "state.db", readonly=True)
-    try:
-        log_every_s = float(store.meta().get("log_every") or 60)
-    except ValueError:
-        log_every_s = 60.0
-    board = Dashboard(store, Path(run_dir), console, live=console.is_terminal, log_every_s=log_every_s)
+    """`gpupack watch`: the run's dashboard from another terminal or host, read-only, until the run
+    ends, its scheduler is gone (reader.py: heartbeat), or Ctrl-C."""
+    from .reader import open_run
+
+    source = open_run(Path(run_dir))
+    board = Dashboard(source, Path(run_dir), console, live=console.is_terminal, log_every_s=source.log_every_s)
     why: str | None = None
     try:
+        why = source.poll(time.time())
         board.start()
-        while (why := _run_over(store)) is None:
-            time.sleep(interval_s)  # polling a file another process writes; there is no event to wait on
+        while why is None:
+            time.sleep(interval_s)  # polling files another process writes; there is no event to wait on
+            why = source.poll(time.time())
             board.refresh(time.time())
     except KeyboardInterrupt:
         pass
     finally:
         board.stop()
-        store.close()
+        source.close()
     if why:
         console.print(why, markup=False, highlight=False)
     return 0

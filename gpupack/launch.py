@@ -58,6 +58,9 @@ class LaunchSpec:
     gpu_indices: tuple[int, ...] = ()
     cuda_ids: tuple[str, ...] = ()  # CUDA_VISIBLE_DEVICES tokens of those GPUs
     cpus: int = 1
+    # A multi-node experiment: its nodes in rank order (node == nodes[0]), the same GPUs on
+    # each; empty for a one-node one. The launcher sets the per-rank variables.
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass

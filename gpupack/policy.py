@@ -94,6 +94,7 @@ class Request:
     depends_on: tuple[str, ...] = ()  # exact experiment names (manifest expands globs)
     phase: str = ""  # phase name, for waiting reasons only
     util: float = 1.0  # share of a GPU's compute it keeps busy alone (0-1)
+    nodes: int = 1  # >1: spans that many whole nodes (one rank per node), `gpus` on each
 
     @property
     def holds_whole(self) -> bool:
@@ -140,6 +141,9 @@ class Placement:
     name: str
     node: str
     gpus: tuple[int, ...]  # indices on that node; () for CPU-only
+    # A nodes>1 request: its nodes in rank order (node == nodes[0]); `gpus` are the indices it
+    # uses on EACH of them. Empty for a one-node placement.
+    nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -148,8 +152,9 @@ class Reservation:
 
     name: str
     start_s: float | None  # None: it waits for an occupant whose end is unknown
-    gpus: tuple[GpuKey, ...]
-    node: str = ""  # where its CPUs are held (also set for a CPU-only head)
+    gpus: tuple[GpuKey, ...]  # every GPU it holds, on all its nodes
+    node: str = ""  # where its CPUs are held (also set for a CPU-only head); the first of `nodes`
+    nodes: tuple[str, ...] = ()  # a nodes>1 head: all its nodes in rank order
 
 
 @dataclass(frozen=True)
