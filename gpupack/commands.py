@@ -22,7 +22,7 @@ from rich.console import Console
 
 from . import engine as engine_mod
 from . import manifest as manifest_mod
-from .gpus import GpuSpecError, open_probe
+from .gpus import GpuSpecError, NvmlError, open_probe
 from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
 
@@ -80,8 +80,10 @@ def run(args: RunArgs, console: Console) -> int:
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ, fallback)
-    except GpuSpecError as exc:
+        probe, note = open_probe(
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0
+        )
+    except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
     headroom = 0
@@ -91,6 +93,7 @@ def run(args: RunArgs, console: Console) -> int:
         except ValueError as exc:
             raise GpupackError(f"--headroom: {exc}") from None
     _refuse_unfit(manifest, inventory, headroom)
+    _refuse_bad_preempt_signal()
     try:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -102,7 +105,9 @@ def run(args: RunArgs, console: Console) -> int:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
-            launcher: LocalLauncher = SrunLauncher(mode, node_gpus=allocation.gpus_per_node or None)
+            launcher: LocalLauncher = SrunLauncher(
+                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+            )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
             launcher = LocalLauncher()
@@ -183,6 +188,17 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
+
+
+def _refuse_bad_preempt_signal() -> None:
+    """GPUPACK_PREEMPT_SIGNAL in the scheduler's environment (a manifest's `env` is checked with
+    the manifest): a signal neither gpupack nor `gpupack.job` understands is refused up front."""
+    from .signals import preempt_signal
+
+    try:
+        preempt_signal(os.environ)
+    except ValueError as exc:
+        raise GpupackError(f"environment: {exc}") from None
 
 
 def plan(
