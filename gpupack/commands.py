@@ -6,8 +6,6 @@ directory is busy / unusable), 3 stopped early (preempted, or the time left was 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import fnmatch
 import json
 import os
@@ -15,7 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -69,37 +67,24 @@ def _load_manifest(path: Path) -> manifest_mod.Manifest:
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One scheduler per run directory: an flock held for the life of the process (released by
-    the kernel even on kill -9, so a crash never leaves a stale lock)."""
-    path = run_dir / "lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise GpupackError(f"{run_dir}: cannot use the run directory: {exc.strerror}") from None
-    try:
+def run_lock(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
+    """One scheduler per run directory (runlock.py: flock, or an O_EXCL lock file where the file
+    system refuses flock)."""
+    from .runlock import LockError, run_lock as lock
+
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise GpupackError(
-                f"{run_dir}: another gpupack run is using this run directory ({holder}); "
-                "wait for it to end or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            stack.enter_context(lock(run_dir, job_id))
+        except LockError as exc:
+            raise GpupackError(str(exc)) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def run(args: RunArgs, console: Console) -> int:
     from . import engine as engine_mod
     from . import manifest as manifest_mod
     from . import slurm  # Slurm facts; harmless outside an allocation
-    from .gpus import GpuSpecError, open_probe
+    from .gpus import GpuSpecError, NvmlError, open_probe
     from .launch import LocalLauncher, SrunLauncher
 
     manifest = _load_manifest(args.manifest)
@@ -107,8 +92,10 @@ def run(args: RunArgs, console: Console) -> int:
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ, fallback)
-    except GpuSpecError as exc:
+        probe, note = open_probe(
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0
+        )
+    except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
     headroom = 0
@@ -118,18 +105,21 @@ def run(args: RunArgs, console: Console) -> int:
         except ValueError as exc:
             raise GpupackError(f"--headroom: {exc}") from None
     _refuse_unfit(manifest, inventory, headroom)
+    _refuse_bad_preempt_signal()
     try:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
-    with run_lock(manifest.run_dir):
+    with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
         try:
             store = Store(manifest.run_dir / "state.db")
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
-            launcher: LocalLauncher = SrunLauncher(mode, node_gpus=allocation.gpus_per_node or None)
+            launcher: LocalLauncher = SrunLauncher(
+                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+            )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
             launcher = LocalLauncher()
@@ -211,6 +201,17 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
+
+
+def _refuse_bad_preempt_signal() -> None:
+    """GPUPACK_PREEMPT_SIGNAL in the scheduler's environment (a manifest's `env` is checked with
+    the manifest): a signal neither gpupack nor `gpupack.job` understands is refused up front."""
+    from .signals import preempt_signal
+
+    try:
+        preempt_signal(os.environ)
+    except ValueError as exc:
+        raise GpupackError(f"environment: {exc}") from None
 
 
 def plan(
