@@ -24,7 +24,7 @@ from .launch import Handle, LaunchSpec, Launcher, experiment_env
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
-from .signals import StopSignals
+from .signals import StopSignals, preempt_signal
 from .store import (
     Event,
     A_FAILED,
@@ -61,7 +61,6 @@ class RunOptions:
     poll_s: float = 5.0
     grace_s: float = 60.0
     headroom_bytes: int = 0
-    preempt_signal: int = signal.SIGUSR2
     sample_every_s: float = 5.0
     max_requeues: int = 10
 
@@ -75,6 +74,7 @@ class Running:
     gpus: tuple[GpuKey, ...]
     budget_bytes: int | None
     started_at: float
+    preempt_signal: int = signal.SIGUSR2  # what its `gpupack.job` listens for (gpupack.signals)
     peak_bytes: int = 0
     util_sum: float = 0.0
     util_n: int = 0
@@ -161,7 +161,10 @@ class Engine:
             if found.handle is not None and exp is not None:
                 a = found.attempt
                 keys = tuple((a.node, i) for i in a.gpus)
-                self.running[found.name] = Running(exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at)
+                self.running[found.name] = Running(
+                    exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at,
+                    preempt_signal({**self._base_env, **exp.env}),
+                )
         for name, started_at, ended_at, peak_bytes in self.store.succeeded_attempts():
             exp = self.by_name.get(name)
             if exp is not None and ended_at is not None:
@@ -212,6 +215,9 @@ class Engine:
             now = self.clock()
             self._reap(now)
             # Read after reaping so the memory of what just ended is not counted as used.
+            track = getattr(self.probe, "track", None)  # NVML: whose processes are whose
+            if track is not None:
+                track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
             if self.signals.reason is not None:
@@ -375,7 +381,7 @@ class Engine:
         started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
         self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started))
         self.states[exp.name] = RUNNING
-        self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now)
+        self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env))
 
     def _reap(self, now: float) -> None:
         done = []
@@ -455,10 +461,15 @@ class Engine:
         now = self.clock()
         signals_at_stop = self.signals.count
         self._event("stop", None, f"stopping: {self.signals.reason}; {len(self.running)} running get the preempt signal")
-        for r in self.running.values():
-            r.handle.signal(self.options.preempt_signal)
+        # To each command alone (launch.Handle.preempt); one that has not recorded its pid yet
+        # (launched a moment ago) is told on a later pass.
+        untold = set(self.running)
         deadline = now + self.options.grace_s
         while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
+            for name in [n for n in untold if n in self.running]:
+                r = self.running[name]
+                if r.handle.preempt(r.preempt_signal):
+                    untold.discard(name)
             for name in list(self.running):
                 r = self.running[name]
                 ended, code = r.handle.poll()

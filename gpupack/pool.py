@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import _reader
 from .gpus import GpuInfo, GpuProbe, Reading, SimulatedProbe
@@ -50,7 +50,7 @@ class NodeReader:
     clock: Callable[[], float] = time.time
     inventory: list[GpuInfo] | None = None
     simulated: bool = False
-    reading: Reading | None = None
+    reading: Mapping[str, Any] | None = None  # the last reading line (read() picks its attempts' usage)
     heard_at: float | None = None  # local time of the last line of ours
     lines: int = 0  # lines of ours received, over every start
     last_message: str = ""  # the last line that was not ours (srun's or the reader's error)
@@ -87,7 +87,8 @@ class NodeReader:
                         self.simulated = bool(obj.get("simulated"))
                         self._got_inventory.set()
                     elif self.inventory is not None:
-                        self.reading = _reader.reading_from(obj, self.inventory)
+                        _reader.reading_from(obj, self.inventory)  # refuses a malformed line here
+                        self.reading = obj
                 except _reader.WireError as exc:
                     self.last_message = str(exc)[:300]
                     continue
@@ -101,7 +102,7 @@ class NodeReader:
     def wait_inventory(self, timeout_s: float) -> bool:
         return self._got_inventory.wait(timeout_s)
 
-    def latest(self) -> tuple[Reading | None, float | None]:
+    def latest(self) -> tuple[Mapping[str, Any] | None, float | None]:
         with self._lock:
             return self.reading, self.heard_at
 
@@ -154,6 +155,7 @@ class PoolProbe:
         self._inventory: list[GpuInfo] = list(local.inventory())
         self._simulated: dict[str, SimulatedProbe] = {}
         self._unavailable: dict[str, str] = {}  # node -> reason, as last noted
+        self._attempts: dict[str, int] | None = None  # current attempts (track), None: any
 
     def start(self, timeout_s: float = 60.0) -> list[str]:
         """Start every reader and wait for their inventories; returns one line per node that did
@@ -179,6 +181,14 @@ class PoolProbe:
     def inventory(self) -> list[GpuInfo]:
         return list(self._inventory)
 
+    def track(self, run_dir: str, attempts: Mapping[str, int]) -> None:
+        """Whose memory is whose (NvmlProbe.track): the readers' usage is kept only for these
+        current attempts."""
+        self._attempts = dict(attempts)
+        track = getattr(self.local, "track", None)
+        if track is not None:
+            track(run_dir, attempts)
+
     def read(self, running: Mapping[str, Occupant]) -> Reading:
         now = self.clock()
         local = self.local.read(running)
@@ -201,8 +211,9 @@ class PoolProbe:
             elif r.node in self._simulated:
                 gpus += self._simulated[r.node].read(running).gpus
             else:
-                gpus += reading.gpus
-                for name, per_gpu in reading.usage.items():
+                remote = _reader.reading_from(reading, r.inventory, self._attempts)
+                gpus += remote.gpus
+                for name, per_gpu in remote.usage.items():
                     usage.setdefault(name, {}).update(per_gpu)
             self._changed(r, why)
         return Reading(tuple(gpus), usage)
@@ -228,7 +239,7 @@ class PoolProbe:
 
 
 def for_allocation(
-    local: GpuProbe, allocation: Allocation, spec: str | None, every_s: float, env: Mapping[str, str],
+    local: GpuProbe, allocation: Allocation, run_dir: str, spec: str | None, every_s: float, env: Mapping[str, str],
     python: str = sys.executable,
 ) -> tuple[PoolProbe, NodeWatch, list[str]]:
     """The pool of a multi-node allocation: `local` reads the batch node, a reader step each
@@ -238,7 +249,7 @@ def for_allocation(
     batch = allocation.batch_node or allocation.nodes[0]
     watch = NodeWatch(allocation.job_id, allocation.nodes)
     readers = [
-        NodeReader(node, reader_argv(node, python, every_s, spec))
+        NodeReader(node, reader_argv(node, python, every_s, run_dir, spec))
         for node in allocation.nodes
         if node != batch
     ]

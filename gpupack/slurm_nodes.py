@@ -29,11 +29,12 @@ def node_failures(text: str) -> set[str]:
     return {m[1] for m in _NODE_FAILURE.finditer(text)}
 
 
-def reader_argv(node: str, python: str, every_s: float, gpus: str | None = None) -> list[str]:
+def reader_argv(node: str, python: str, every_s: float, run_dir: str, gpus: str | None = None) -> list[str]:
     """The reader step on `node`: JSON lines on its stdout (gpupack._reader)."""
     argv = [
         "srun", "--overlap", "-N1", "-n1", f"--nodelist={node}", "--job-name=gpupack-reader",
         "--mem=0", "--export=ALL", python, "-m", "gpupack._reader", "--node", node, "--every", f"{every_s:g}",
+        "--run-dir", run_dir,
     ]
     return argv + (["--gpus", gpus] if gpus else [])
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from urllib.parse import quote
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -181,14 +182,17 @@ def _gpus_tuple(text: str) -> tuple[int, ...]:
 class Store:
     """Access to state.db. Writers use `Store(path)`; readers `Store(path, readonly=True)`."""
 
-    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 60.0):
+    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 60.0, immutable: bool = False):
+        """immutable (read-only only): SQLite reads the file as it is, takes no lock and creates
+        no -wal/-shm file, so a read-only directory is enough; only for a file that nobody writes
+        and that has no -wal to apply (reader.py decides)."""
         self.path = Path(path)
         self.readonly = readonly
         try:
             if readonly:
                 if not self.path.exists():
                     raise StoreError(f"{self.path}: no such state database")
-                uri = f"file:{self.path}?mode=ro"
+                uri = f"file:{quote(str(self.path))}?" + ("immutable=1" if immutable else "mode=ro")
                 self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
             else:
                 self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
@@ -292,6 +296,17 @@ class Store:
                 spec = specs[r[7]] = json.loads(r[7])
             rows.append(ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]), bool(r[9])))
         return rows
+
+    def change_mark(self) -> str:
+        """What a report shows, in a few aggregates: equal marks, an equal report (windows aside).
+        Two aggregate queries, so a rerun of 10,000 finished experiments can tell cheaply."""
+        attempts = self._db.execute(
+            "SELECT count(*), coalesce(max(id), 0), count(ended_at), total(peak_bytes), total(mean_util) FROM attempts"
+        ).fetchone()
+        states = self._db.execute(
+            "SELECT state, count(*), total(ord) FROM experiments WHERE in_manifest = 1 GROUP BY state ORDER BY state"
+        ).fetchall()
+        return repr((tuple(attempts), [tuple(r) for r in states]))
 
     def experiment_states(self) -> dict[str, str]:
         """name -> state of the experiments in the manifest, in manifest order (no JSON to parse)."""

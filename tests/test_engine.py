@@ -418,3 +418,29 @@ def test_failures_are_retried_by_a_new_run_but_not_by_a_requeued_job(write_manif
     done = run(m)  # a new run: tried again, and this time it succeeds
     assert done.returncode == 0, done.stdout + done.stderr
     assert by_name(run_dir)["bad"]["attempts"] == 2
+
+
+def test_report_is_rewritten_only_when_the_run_changed_something(write_manifest, tmp_path):
+    text = """
+        name: rep
+        phases:
+          - name: p
+            experiments:
+              - name: "e{i}"
+                cmd: "true"
+                grid: {i: [1, 2]}
+                mem: 1GB
+        """
+    m = write_manifest(text)
+    html = tmp_path / "runs" / "rep" / "report" / "report.html"
+    first = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert first.returncode == 0 and f"report: {html}\n" in first.stdout, first.stdout + first.stderr
+    assert not html.with_name("timeline.png").exists()  # `gpupack report` draws the PNG, not `run`
+    written = html.stat().st_ino  # each write is a new file renamed into place
+    again = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert again.returncode == 0 and "(nothing changed)" in again.stdout, again.stdout
+    assert html.stat().st_ino == written
+    write_manifest(text.replace("[1, 2]", "[1, 2, 3]"))
+    grown = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert grown.returncode == 0 and "(nothing changed)" not in grown.stdout, grown.stdout
+    assert html.stat().st_ino != written and "e3" in html.read_text()

@@ -36,7 +36,8 @@ class Clock:
 
 
 def reader(node: str, clock: Clock, every_s: float = 0.1, spec: str = "4x80GB") -> NodeReader:
-    argv = [sys.executable, "-m", "gpupack._reader", "--node", node, "--every", str(every_s), "--gpus", spec]
+    argv = [sys.executable, "-m", "gpupack._reader", "--node", node, "--every", str(every_s), "--gpus", spec,
+            "--run-dir", "/runs/x"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return NodeReader(node, argv, env, clock=clock)
 
@@ -95,13 +96,30 @@ def test_reader_lines_round_trip() -> None:
     inv = _reader.parse_line(_reader.inventory_line("n2", gpus, simulated=False))
     back = _reader.inventory_from(inv, "n2")
     assert back == gpus
-    reading = Reading(
-        (GpuSnapshot("n2", 0, 40 * GB, 30 * GB, 55.0, "SIM-n2-0"), GpuSnapshot("n2", 1, 40 * GB, None, None, "SIM-n2-1")),
-        {"train-a": {("n2", 1): 7 * GB}},
-    )
+    snaps = (GpuSnapshot("n2", 0, 40 * GB, 30 * GB, 55.0, "SIM-n2-0"),
+             GpuSnapshot("n2", 1, 40 * GB, None, None, "SIM-n2-1", "NVML readings failing (Unknown Error)"))
+    reading = Reading(snaps, {"2:train-a": {("n2", 1): 7 * GB}, "1:train-a": {("n2", 0): GB}})
     obj = _reader.parse_line(_reader.reading_line("n2", reading, 12.5))
     assert obj["t"] == 12.5
-    assert _reader.reading_from(obj, back) == reading  # a failed reading stays None, not 0
+    # A failed reading stays None, not 0; only the current attempt's memory counts.
+    assert _reader.reading_from(obj, back, {"train-a": 2}) == Reading(snaps, {"train-a": {("n2", 1): 7 * GB}})
+    assert _reader.reading_from(obj, back, {"train-b": 1}).usage == {}
+    assert _reader.reading_from(obj, back).usage == {"train-a": {("n2", 1): 7 * GB, ("n2", 0): GB}}
+
+
+def test_reader_attributes_memory_to_this_runs_attempts(tmp_path: Path) -> None:
+    env = {**os.environ, "GPUPACK_RUN_DIR": str(tmp_path), "GPUPACK_EXPERIMENT": "train-a", "GPUPACK_ATTEMPT": "3"}
+    child = subprocess.Popen(["sleep", "30"], env=env)
+    other = subprocess.Popen(["sleep", "30"], env={**env, "GPUPACK_RUN_DIR": "/elsewhere"})
+    try:
+        probe = _reader.AttemptNvmlProbe.__new__(_reader.AttemptNvmlProbe)  # no NVML here: only the attribution
+        probe.run_dir = str(tmp_path)
+        assert probe._owner(child.pid) == "3:train-a"
+        assert probe._owner(other.pid) is None and probe._owner(os.getpid()) is None
+    finally:
+        for p in (child, other):
+            p.kill()
+            p.wait()
 
 
 @pytest.mark.parametrize("line", ["srun: error: Node failure on n2\n", "{torn", "[1, 2]\n", '{"kind": "other"}\n'])
@@ -117,7 +135,7 @@ def test_serve_writes_the_inventory_then_readings() -> None:
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
     assert [x["kind"] for x in lines] == ["inventory", "reading", "reading"]
     assert lines[0]["simulated"] is True and len(lines[0]["gpus"]) == 2
-    assert lines[1]["gpus"] == [[0, 80 * GB, 0.0], [1, 80 * GB, 0.0]]
+    assert lines[1]["gpus"] == [[0, 80 * GB, 0.0, ""], [1, 80 * GB, 0.0, ""]]
 
 
 def test_reader_says_in_one_line_why_it_cannot_read() -> None:

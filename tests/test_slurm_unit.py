@@ -521,7 +521,8 @@ def test_node_address_and_reader_step() -> None:
     assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): SHOW_NODE_DOWN})) == "10.1.0.2"
     assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): None})) == "n2"
     assert node_failures("x\nsrun: error: Node failure on n2\nsrun: error: Node failure on n3\n") == {"n2", "n3"}
-    assert reader_argv("n2", "/venv/bin/python", 5.0, "4x80GB") == [
+    assert reader_argv("n2", "/venv/bin/python", 5.0, "/runs/x", "4x80GB") == [
         "srun", "--overlap", "-N1", "-n1", "--nodelist=n2", "--job-name=gpupack-reader", "--mem=0", "--export=ALL",
-        "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--gpus", "4x80GB",
+        "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--run-dir", "/runs/x",
+        "--gpus", "4x80GB",
     ]
