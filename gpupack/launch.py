@@ -286,7 +286,8 @@ class SrunLauncher(LocalLauncher):
         self.lost_nodes = lost_nodes
         self.throttle = StepThrottle(max_steps_per_s)
         self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
-        self._steps: dict[str, tuple[Path, int, str]] = {}  # name -> (log, offset at launch, node)
+        self._steps: dict[str, tuple[Path, int, tuple[str, ...]]] = {}  # name -> (log, offset at launch, nodes)
+        self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
@@ -294,6 +295,13 @@ class SrunLauncher(LocalLauncher):
         node_gpus = self.node_gpus
         if isinstance(node_gpus, Mapping):
             node_gpus = node_gpus.get(spec.node)
+        master_addr = ""
+        if len(spec.nodes) > 1:
+            if spec.nodes[0] not in self._addresses:
+                from .slurm_nodes import node_address
+
+                self._addresses[spec.nodes[0]] = node_address(spec.nodes[0])
+            master_addr = self._addresses[spec.nodes[0]]
         return srun_argv(
             name=spec.name,
             node=spec.node,
@@ -302,6 +310,8 @@ class SrunLauncher(LocalLauncher):
             mode=self.mode,
             inner_argv=command_argv(spec),
             node_gpus=node_gpus,
+            nodes=spec.nodes,
+            master_addr=master_addr,
         )
 
     def runs_here(self, node: str) -> bool:
@@ -313,7 +323,7 @@ class SrunLauncher(LocalLauncher):
         now = time.time()
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
-        self._steps[spec.name] = (spec.log_path, offset, spec.node)
+        self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))
         return handle
 
     def lost(self, name: str) -> str | None:
@@ -323,7 +333,7 @@ class SrunLauncher(LocalLauncher):
             return None
         from .slurm_nodes import node_failures
 
-        log, offset, node = self._steps[name]
+        log, offset, nodes = self._steps[name]
         try:
             with open(log, "rb") as f:
                 f.seek(max(offset, f.seek(0, os.SEEK_END) - 65536))  # srun's last words
@@ -331,8 +341,9 @@ class SrunLauncher(LocalLauncher):
         except OSError:
             failed = set()
         lost = self.lost_nodes(bool(failed)) if self.lost_nodes is not None else {}
-        if node in lost:
-            return f"node {node} {lost[node]}"
+        for node in nodes:
+            if node in lost:
+                return f"node {node} {lost[node]}"
         if failed:
             return f"node failure on {', '.join(sorted(failed))} (srun)"
         return None

@@ -432,9 +432,16 @@ def srun_argv(
     mode: GpuMode,
     inner_argv: Sequence[str],
     node_gpus: int | None = None,
+    nodes: Sequence[str] = (),
+    master_addr: str = "",
 ) -> list[str]:
     """The `srun` command that runs `inner_argv` as one job step on `node` with exactly the GPUs
     `gpu_indices` (values for CUDA_VISIBLE_DEVICES, see Allocation.gpu_ids) and `cpus` cores.
+
+    With `nodes` (K > 1, rank order, a multi-node experiment): one step of K tasks, one per
+    node, each with those GPUs and cores on its node; every task sets RANK, NODE_RANK and
+    GPUPACK_NODE_RANK to its node's position in GPUPACK_NODES (Slurm numbers tasks in its own
+    node order, not in --nodelist's) and gets MASTER_ADDR=`master_addr`, the first node's address.
 
     --exact: the step gets its own cores (without it, it takes all of the job's CPUs and steps
     serialize). --mem=0: where memory is consumable and the job set --mem, a step without --mem
@@ -449,8 +456,14 @@ def srun_argv(
         raise ValueError(f"cpus must be >= 1, got {cpus}")
     if not inner_argv or "=" in inner_argv[0]:
         raise ValueError(f"inner_argv must start with a command, got {list(inner_argv)!r}")
+    if len(nodes) > 1:
+        k = len(nodes)
+        where = ["-N", str(k), "-n", str(k), "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}"]
+        inner_argv = ["env", f"MASTER_ADDR={master_addr or nodes[0]}", "/bin/sh", "-c", _RANK, "gpupack-rank", *inner_argv]
+    else:
+        where = ["-N1", "-n1", f"--nodelist={node}"]
     argv = [
-        "srun", "--exact", "-N1", "-n1", f"--nodelist={node}", f"--job-name={name}",
+        "srun", "--exact", *where, f"--job-name={name}",
         f"--cpus-per-task={cpus}", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL",
     ]
     if not gpu_indices:
@@ -463,6 +476,15 @@ def srun_argv(
         argv += ["--gres=none"]
     visible = ",".join(str(i) for i in gpu_indices)
     return argv + ["env", f"CUDA_VISIBLE_DEVICES={visible}", *inner_argv]
+
+
+# A multi-node step's task: its rank is its node's place in GPUPACK_NODES (SLURM_NODEID where
+# that fails), then the command.
+_RANK = (
+    'r=0; for n in $(echo "$GPUPACK_NODES" | tr , " "); do [ "$n" = "$SLURMD_NODENAME" ] && break; r=$((r + 1)); done; '
+    '[ "$r" -lt "${GPUPACK_NNODES:-0}" ] || r=${SLURM_NODEID:-0}; '
+    'export RANK=$r NODE_RANK=$r GPUPACK_NODE_RANK=$r; exec "$@"'
+)
 
 
 def gpu_mode(config_text: str | None, override: str | None = None) -> GpuMode:

@@ -263,7 +263,7 @@ def test_srun_launcher_tells_a_lost_step_from_a_finished_one(tmp_path: Path) -> 
         log.parent.mkdir()
         log.write_text("earlier attempt: srun: error: Node failure on n2\n")  # not this attempt's
         specs[name] = LaunchSpec(name, 2, "true", tmp_path, {}, log, node, (0,), ("0",), 1)
-        launcher._steps[name] = (log, log.stat().st_size, node)
+        launcher._steps[name] = (log, log.stat().st_size, (node,))
     assert launcher.lost("a") is None and launcher.lost("b") is None and asked == [False, False]
     with open(specs["b"].log_path, "a") as f:
         f.write("srun: error: Node failure on n2\n")

@@ -90,6 +90,7 @@ phases:
       - name: "w{{i}}"
         resumable: true
         cmd: >-
+          echo "$SLURMD_NODENAME" > {{out}}/node-$GPUPACK_ATTEMPT;
           if [ -z "$GPUPACK_RESUME" ]; then for i in $(seq 1800); do [ -e {{run}}/release ] && break; sleep 0.1; done; fi;
           {record} 0.2
         grid: {{i: [0, 1, 2, 3, 4, 5, 6, 7]}}
@@ -115,8 +116,9 @@ def test_a_node_lost_mid_run_costs_only_interrupted_attempts(
     log = tmp_path / f"gpupack-{job}.out"
     run_dir = tmp_path / "runs" / "lost"
     names = [f"w{i}" for i in range(8)]
-    wait_for("all 8 experiments to run", lambda: all((run_dir / "exp" / n / "started-1").exists() for n in names), 90)
-    first = {n: json.loads((run_dir / "exp" / n / "started-1").read_text())["node"] for n in names}
+    marks = {n: run_dir / "exp" / n / "node-1" for n in names}
+    wait_for("all 8 experiments to run", lambda: all(m.exists() and m.read_text().strip() for m in marks.values()), 90)
+    first = {n: m.read_text().strip() for n, m in marks.items()}
     batch, other = jobs.info(job)["BatchHost"], next(n for n in two_nodes if n != jobs.info(job)["BatchHost"])
     on_other = sorted(n for n, node in first.items() if node == other)
     assert len(on_other) == 4, first
@@ -188,3 +190,46 @@ def test_requeued_two_node_job_skips_what_finished(jobs: Jobs, tmp_path: Path, t
     run2 = text.index(f"=== gpupack job {job} run 2 ")
     assert "6 already succeeded (skipped)" in text[run2:] and "quick-0 started" not in text[run2:]
     assert {e["node"] for e in status.values()} == set(two_nodes)  # the first run used both nodes
+
+
+# --- one experiment on both nodes -------------------------------------------------------------
+
+GLOO = """\
+name: gloo
+phases:
+  - name: main
+    experiments:
+      - name: pair
+        nodes: 2
+        gpus: 4
+        mem: 10GB
+        time: 1m
+        cmd: "python3 {script}"
+      - name: "single-{{i}}"
+        gpus: 1
+        mem: 10GB
+        cmd: "{record} 0.2"
+        grid: {{i: [0, 1]}}
+"""
+
+
+def test_a_two_node_experiment_exchanges_a_value_through_gloo(jobs: Jobs, tmp_path: Path, two_nodes: list[str]) -> None:
+    pytest.importorskip("torch")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(GLOO.format(script=Path(__file__).parent / "bin" / "allreduce.py", record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest, sbatch_args=TWO_NODES)
+    log = tmp_path / f"gpupack-{job}.out"
+    wait_job_done(jobs, job, log, 240)
+    run_dir = tmp_path / "runs" / "gloo"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {e["state"] for e in status.values()} == {"succeeded"}, log.read_text()
+    ranks = [json.loads((run_dir / "exp" / "pair" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["sum"] for r in ranks] == [30.0, 30.0] and [r["world"] for r in ranks] == [2, 2]
+    nodes = status["pair"]["node"].split(",")
+    assert sorted(nodes) == sorted(two_nodes)
+    for r, seen_ in enumerate(ranks):
+        assert seen_["SLURMD_NODENAME"] == nodes[r]  # rank r on the r-th node of the placement
+        assert seen_["RANK"] == seen_["NODE_RANK"] == seen_["GPUPACK_NODE_RANK"] == str(r)
+        assert seen_["WORLD_SIZE"] == seen_["GPUPACK_NNODES"] == "2" and seen_["GPUPACK_NODES"] == ",".join(nodes)
+        assert seen_["MASTER_ADDR"] == "127.0.0.1"  # the first node's NodeAddr on the test cluster
+        assert seen_["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

@@ -526,3 +526,32 @@ def test_node_address_and_reader_step() -> None:
         "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--run-dir", "/runs/x",
         "--gpus", "4x80GB",
     ]
+
+
+def test_srun_argv_multi_node_step() -> None:
+    argv = srun_argv(name="ddp", node="n2", gpu_indices=(0, 1, 2, 3), cpus=8, mode="gres-none", inner_argv=INNER,
+                     nodes=("n2", "n1"), master_addr="10.1.0.2")
+    shim = argv.index("gpupack-rank")
+    assert argv[:shim - 2] == [
+        "srun", "--exact", "-N", "2", "-n", "2", "--ntasks-per-node=1", "--nodelist=n2,n1", "--job-name=ddp",
+        "--cpus-per-task=8", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL", "--gres=none",
+        "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "env", "MASTER_ADDR=10.1.0.2", "/bin/sh",
+    ]
+    assert argv[shim + 1:] == INNER
+
+
+@pytest.mark.parametrize(
+    ("node", "node_id", "rank"),
+    [("n2", "1", "0"), ("n1", "0", "1"), ("n9", "1", "1")],  # rank order is GPUPACK_NODES's, not Slurm's
+)
+def test_multi_node_task_takes_its_rank_from_its_node(node: str, node_id: str, rank: str) -> None:
+    import subprocess
+
+    argv = srun_argv(name="ddp", node="n2", gpu_indices=(), cpus=1, mode="gres-none",
+                     inner_argv=["sh", "-c", 'echo "$RANK $NODE_RANK $GPUPACK_NODE_RANK $MASTER_ADDR"'],
+                     nodes=("n2", "n1"), master_addr="10.1.0.2")
+    task = argv[argv.index("--gres=none") + 1:]  # what each task runs
+    env = {"PATH": "/usr/bin:/bin", "GPUPACK_NODES": "n2,n1", "GPUPACK_NNODES": "2", "SLURMD_NODENAME": node,
+           "SLURM_NODEID": node_id}
+    out = subprocess.run(task, env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.split() == [rank, rank, rank, "10.1.0.2"]
