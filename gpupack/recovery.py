@@ -6,11 +6,16 @@ For every attempt still recorded as launching/running:
   the attempt's exit file, or a member's environment names the experiment): adopt it;
 - else its wrapper left an exit file: it finished while nobody watched, judge it with that status;
 - else it died with the scheduler: interrupted, it runs again with GPUPACK_RESUME=1.
+
+An attempt launched by a scheduler on another host (a requeued job that starts on another node)
+is never looked for or signalled here: its pid means nothing on this host. Slurm ended its steps
+with the job, so unless its wrapper left an exit file it is interrupted and resumes.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +74,12 @@ def _group_is_attempt(pgid: int, exit_file: Path, name: str) -> bool:
 
 def recover(store: Store, experiments: Mapping[str, Experiment], now: float) -> list[Recovered]:
     found: list[Recovered] = []
+    here = socket.gethostname()
+    hosts = {r["id"]: str(r["host"]) for r in store.runs()}  # the scheduler's host of every run
     for attempt in store.attempts(states=(A_LAUNCHING, A_RUNNING)):
+        elsewhere = hosts.get(attempt.run_id)
+        if elsewhere == here:
+            elsewhere = None
         exp = experiments.get(attempt.experiment)
         log_path = Path(attempt.log_path)
         exit_file = exit_file_for(log_path)
@@ -78,7 +88,7 @@ def recover(store: Store, experiments: Mapping[str, Experiment], now: float) -> 
             # Died between spawning and recording the pgid: the wrapper wrote its pid (= pgid,
             # it leads its own session) as its first act.
             pgid = read_int_file(pid_file_for(log_path)) or -1
-        if pgid > 0 and group_alive(pgid) and _group_is_attempt(pgid, exit_file, attempt.experiment):
+        if elsewhere is None and pgid > 0 and group_alive(pgid) and _group_is_attempt(pgid, exit_file, attempt.experiment):
             handle = Handle(attempt.experiment, pgid, exit_file, log_path, None, attempt.started_at)
             found.append(
                 Recovered("info", attempt.experiment, f"{attempt.experiment} is still running (pgid {pgid}): adopted", attempt, handle)
@@ -96,8 +106,10 @@ def recover(store: Store, experiments: Mapping[str, Experiment], now: float) -> 
                     Recovered("fail", attempt.experiment, f"{attempt.experiment} failed ({outcome.reason}) while the scheduler was down", attempt)
                 )
             continue
-        store.end_attempt(attempt.id, A_INTERRUPTED, code, now, INTERRUPTED, "the scheduler stopped while it ran")
-        found.append(
-            Recovered("interrupt", attempt.experiment, f"{attempt.experiment} was lost with the previous scheduler: it runs again", attempt)
-        )
+        if elsewhere is not None:
+            why, lost = f"its scheduler ran on {elsewhere}", f"was lost with the previous scheduler on {elsewhere}"
+        else:
+            why, lost = "the scheduler stopped while it ran", "was lost with the previous scheduler"
+        store.end_attempt(attempt.id, A_INTERRUPTED, code, now, INTERRUPTED, why)
+        found.append(Recovered("interrupt", attempt.experiment, f"{attempt.experiment} {lost}: it runs again", attempt))
     return found
