@@ -16,15 +16,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from . import engine as engine_mod
-from . import manifest as manifest_mod
-from .gpus import GpuSpecError, NvmlError, open_probe
-from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
+
+if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results` need none of these
+    from rich.console import Console
+
+    from . import manifest as manifest_mod
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -51,7 +50,16 @@ class RunArgs:
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
+def new_console() -> Console:
+    """rich is imported only by the commands that draw with it."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
 def _load_manifest(path: Path) -> manifest_mod.Manifest:
+    from . import manifest as manifest_mod
+
     try:
         return manifest_mod.load(path)
     except manifest_mod.ManifestError as exc:
@@ -73,7 +81,11 @@ def run_lock(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
 
 
 def run(args: RunArgs, console: Console) -> int:
+    from . import engine as engine_mod
+    from . import manifest as manifest_mod
     from . import slurm  # Slurm facts; harmless outside an allocation
+    from .gpus import GpuSpecError, NvmlError, open_probe
+    from .launch import LocalLauncher, SrunLauncher
 
     manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
@@ -173,6 +185,7 @@ def _write_report(run_dir: Path, store: Store, console: Console) -> None:
 
 
 def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], headroom: int) -> None:
+    from . import engine as engine_mod
     from . import policy
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
@@ -202,10 +215,12 @@ def _refuse_bad_preempt_signal() -> None:
 
 
 def plan(
-    manifest_path: Path, gpus: str | None, time_limit: str | None, as_json: bool, out: IO[str], console: Console
+    manifest_path: Path, gpus: str | None, time_limit: str | None, as_json: bool, out: IO[str],
+    console: Console | None = None,
 ) -> int:
     """Predict the run's timeline with the run's own policy; nothing is launched."""
-    from .gpus import parse_gpu_spec
+    from . import manifest as manifest_mod
+    from .gpus import GpuSpecError, parse_gpu_spec
     from .simulate import plan_data, render_plan
 
     manifest = _load_manifest(manifest_path)
@@ -221,7 +236,7 @@ def plan(
         json.dump(data, out, indent=1)
         out.write("\n")
     else:
-        render_plan(data, console)
+        render_plan(data, console or new_console())
     return EXIT_OK
 
 
@@ -241,7 +256,7 @@ def _open_store(run_dir: Path) -> Store:
         raise GpupackError(str(exc)) from None
 
 
-def status(run_dir: Path, as_json: bool, out: IO[str], console: Console) -> int:
+def status(run_dir: Path, as_json: bool, out: IO[str], console: Console | None = None) -> int:
     from .reader import open_run
 
     _check_run_dir(run_dir)
@@ -256,14 +271,16 @@ def status(run_dir: Path, as_json: bool, out: IO[str], console: Console) -> int:
     finally:
         source.close()
     if as_json:
-        json.dump({**data, "scheduler": line, "source": source.source}, out, indent=1)
-        out.write("\n")
+        from .jsonout import dumps_rows
+
+        out.write(dumps_rows({"run": data["run"], "scheduler": line, "source": source.source, **data}, "experiments"))
         return EXIT_OK
     from .dashboard import status_table
 
-    console.print(status_table(data))
+    # Colours only in a terminal: piped, the table is plain text and rich is not even imported.
+    out.write(status_table(data, console=console or (new_console() if out.isatty() else None)))
     if line:
-        console.print(line, markup=False, highlight=False)
+        out.write(line + "\n")
     return EXIT_OK
 
 

@@ -155,7 +155,8 @@ class Engine:
             with self.store.batch():  # a changed 10,000-experiment grid: one commit
                 for name in changed:
                     self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
-        for found in recovery.recover(self.store, self.by_name, now):
+        runs_here = getattr(self.launcher, "runs_here", lambda node: True)
+        for found in recovery.recover(self.store, self.by_name, now, self.manifest.run_dir, runs_here):
             self._event(found.kind, found.name, found.message)
             exp = self.by_name.get(found.name)
             if found.handle is not None and exp is not None:
@@ -379,7 +380,7 @@ class Engine:
             return
         extra = ", resuming" if resume else ""
         started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
-        self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started))
+        self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
         self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env))
 

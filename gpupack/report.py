@@ -21,18 +21,20 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .jsonout import dumps_rows
 from .store import FAILED, INTERRUPTED, RUNNING, STATES, AttemptRow, ExperimentRow, Store
-from . import timeline
 from .units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # the dashboard imports this module for gpu labels: drawing is imported when drawing
+    from . import timeline
 
 TARGET_BUSY_FRACTION = 0.8  # the seed plan: GPUs busy > 80 % of the allocation
 
@@ -243,6 +245,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def timeline_layout(facts: RunFacts, summary: dict[str, Any]) -> timeline.Layout:
+    from . import timeline
+
     overall = summary["overall"]
     title = (f"{summary['run']}: GPUs busy {_pct(overall['busy_fraction'])} of {format_duration(summary['wall_s'])}"
              f" (target > {TARGET_BUSY_FRACTION:.0%}), mean utilization {_pct_value(overall['mean_util_pct'])}")
@@ -251,6 +255,8 @@ def timeline_layout(facts: RunFacts, summary: dict[str, Any]) -> timeline.Layout
 
 def timeline_png(lay: timeline.Layout) -> bytes | None:
     """timeline.png, or None when matplotlib is not installed (tests replace this)."""
+    from . import timeline
+
     return timeline.png(lay)
 
 
@@ -366,15 +372,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out + ["</table>"])
 
 
-def summary_json(summary: dict[str, Any]) -> str:
-    """Indented, but one experiment per line: json's indenting encoder is pure Python and took
-    1.7 s over 10,000 experiments; a line per experiment is C-encoded and still greps well."""
-    head = json.dumps({k: v for k, v in summary.items() if k != "experiments"}, indent=2)
-    rows = ",\n".join("    " + json.dumps(x) for x in summary["experiments"])
-    return f'{head[:-2]},\n  "experiments": [\n{rows}\n  ]\n}}\n' if rows else f'{head[:-2]},\n  "experiments": []\n}}\n'
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -406,11 +406,13 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
     out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
     summary["timeline_png"] = "timeline.png" if image is not None else None
-    _write_atomic(written["summary"], summary_json(summary).encode())
+    _write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
     if image is not None:
         written["timeline"] = out / "timeline.png"
         _write_atomic(written["timeline"], image)
     else:
         (out / "timeline.png").unlink(missing_ok=True)
+    from . import timeline
+
     _write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
     return written

@@ -38,10 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .engine import request_for
@@ -49,6 +46,9 @@ from .gpus import GpuInfo, SimulatedProbe
 from .manifest import Experiment, Manifest
 from .policy import GpuKey, Occupant, State
 from .units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # rich is imported by render_plan alone: `plan --json` does not draw
+    from rich.console import Console
 
 DEFAULT_TIME_S = 1800.0  # an experiment without a time estimate, in the simulation only
 _EPS = 1e-6
@@ -345,6 +345,8 @@ def lanes(data: Mapping[str, Any], width: int = 72) -> list[str]:
 
 
 def render_plan(data: Mapping[str, Any], console: Console) -> None:
+    from rich.table import Table
+
     def say(text: str) -> None:
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 

@@ -25,7 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+# The version of the tables below, kept in meta 'schema'. A writer migrates an older run
+# directory (_MIGRATIONS[v] takes version v to v + 1) and refuses a newer one; so does a reader
+# (it reads older versions as they are: it never asks for the newer columns).
+SCHEMA_VERSION = 2
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE attempts ADD COLUMN leader_start INTEGER",),
+}
 
 # Experiment states (DESIGN.md `status --json`).
 PENDING = "pending"
@@ -69,6 +75,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     node TEXT NOT NULL DEFAULT '',
     gpus TEXT NOT NULL DEFAULT '',
     pgid INTEGER,
+    leader_start INTEGER,
     log_path TEXT NOT NULL,
     budget_bytes INTEGER,
     peak_bytes INTEGER,
@@ -188,12 +195,14 @@ class Store:
         and that has no -wal to apply (reader.py decides)."""
         self.path = Path(path)
         self.readonly = readonly
+        self._batched = False
         try:
             if readonly:
                 if not self.path.exists():
                     raise StoreError(f"{self.path}: no such state database")
                 uri = f"file:{quote(str(self.path))}?" + ("immutable=1" if immutable else "mode=ro")
                 self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
+                self._schema_version()
             else:
                 self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -201,6 +210,7 @@ class Store:
                 # power loss of the node could lose the last ones, and recovery handles that
                 # like a scheduler death. FULL would cost an fsync per state change.
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
@@ -209,7 +219,31 @@ class Store:
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
-        self._batched = False
+
+    def _schema_version(self) -> int | None:
+        """The run directory's schema version (None: a new, empty database); StoreError, in one
+        line, for one this gpupack cannot read."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        version = int(row[0]) if row and str(row[0]).isdigit() else None
+        if version is None or version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by another gpupack (schema {row[0] if row else 'unknown'}; this one knows"
+                f" 1 to {SCHEMA_VERSION}): run it with that version, or upgrade gpupack"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        """Bring an older run directory's tables to SCHEMA_VERSION, in one transaction."""
+        version = self._schema_version()
+        if version is None or version == SCHEMA_VERSION:
+            return
+        with self.transaction() as db:
+            for v in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[v]:
+                    db.execute(statement)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self._db.close()
@@ -413,10 +447,24 @@ class Store:
             db.execute("UPDATE experiments SET state = ?, reason = NULL WHERE name = ?", (RUNNING, name))
             return int(cur.lastrowid or 0)
 
-    def attempt_launched(self, attempt_id: int, pgid: int, event: Event | None = None) -> None:
+    def attempt_launched(
+        self, attempt_id: int, pgid: int, event: Event | None = None, leader_start: int | None = None
+    ) -> None:
+        """The attempt's process group, with its leader's start time (procs.start_time): a pgid
+        alone names another group once this one is gone and the number is reused."""
         with self.transaction() as db:
-            db.execute("UPDATE attempts SET state = ?, pgid = ? WHERE id = ?", (A_RUNNING, pgid, attempt_id))
+            db.execute(
+                "UPDATE attempts SET state = ?, pgid = ?, leader_start = ? WHERE id = ?",
+                (A_RUNNING, pgid, leader_start, attempt_id),
+            )
             _insert_event(db, event)
+
+    def leader_starts(self, attempt_ids: Sequence[int]) -> dict[int, int | None]:
+        """attempt id -> its group leader's recorded start time (writers only: schema 2)."""
+        if not attempt_ids:
+            return {}
+        marks = ",".join("?" * len(attempt_ids))
+        return dict(self._db.execute(f"SELECT id, leader_start FROM attempts WHERE id IN ({marks})", list(attempt_ids)))
 
     def end_attempt(
         self,
