@@ -167,9 +167,9 @@ def estimate_eta(
     mean duration of its grid siblings that succeeded, else is counted as unknown."""
     learned: dict[str, list[float]] = defaultdict(list)
     template = {e.name: e.template for e in experiments}
-    for name, started_at, ended_at, _peak in store.succeeded_attempts():
-        if ended_at is not None and name in template:
-            learned[template[name]].append(ended_at - started_at)
+    for name, took_s, _peak in store.succeeded_runs():
+        if name in template:
+            learned[template[name]].append(took_s)
     started = {a.experiment: a.started_at for a in running}
     work, longest, unknown = 0.0, 0.0, 0
     for e in experiments:

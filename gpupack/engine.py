@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import policy, recovery
-from .estimates import Learned, oom_budget
+from .estimates import Learned, oom_budget, resumed_time_s
 from .gpus import GpuInfo, GpuProbe, Reading
 from .launch import Handle, LaunchSpec, Launcher, experiment_env
 from .manifest import Experiment, Manifest
@@ -75,6 +75,7 @@ class Running:
     budget_bytes: int | None
     started_at: float
     preempt_signal: int = signal.SIGUSR2  # what its `gpupack.job` listens for (gpupack.signals)
+    resumed_s: float = 0.0  # wall time of the interrupted attempts it resumes: part of its duration
     peak_bytes: int = 0
     util_sum: float = 0.0
     util_n: int = 0
@@ -165,11 +166,12 @@ class Engine:
                 self.running[found.name] = Running(
                     exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at,
                     preempt_signal({**self._base_env, **exp.env}),
+                    resumed_time_s([p for p in self.store.attempts(exp.name) if p.number < a.number], A_INTERRUPTED),
                 )
-        for name, started_at, ended_at, peak_bytes in self.store.succeeded_attempts():
+        for name, took_s, peak_bytes in self.store.succeeded_runs():
             exp = self.by_name.get(name)
-            if exp is not None and ended_at is not None:
-                self.learned.add(exp.template, ended_at - started_at, peak_bytes)
+            if exp is not None:
+                self.learned.add(exp.template, took_s, peak_bytes)
         # One read: the states after sync and recovery, in manifest order.
         self.states = self.store.experiment_states()
         again: dict[str, tuple[str, str | None]] = {}
@@ -361,6 +363,7 @@ class Engine:
         previous = self.store.attempts(exp.name)  # one read for the number and the resume flag
         number = max((a.number for a in previous), default=0) + 1
         resume = bool(previous) and previous[-1].state == A_INTERRUPTED
+        resumed_s = resumed_time_s(previous, A_INTERRUPTED)  # they count in its duration
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
         attempt_id = self.store.begin_attempt(
@@ -382,7 +385,9 @@ class Engine:
         started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
         self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
-        self.running[exp.name] = Running(exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env))
+        self.running[exp.name] = Running(
+            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s
+        )
 
     def _reap(self, now: float) -> None:
         done = []
@@ -404,7 +409,7 @@ class Engine:
         where = _where_keys(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded:
-            self.learned.add(exp.template, now - r.started_at, r.peak_bytes or None)
+            self.learned.add(exp.template, r.resumed_s + now - r.started_at, r.peak_bytes or None)
             event = Event(now, "finish", name, f"{name} succeeded in {took} on {where}")
             self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED, event=event, usage=usage)
             self.states[name] = SUCCEEDED

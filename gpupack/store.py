@@ -535,15 +535,25 @@ class Store:
             )
         return rows
 
-    def succeeded_attempts(self) -> list[tuple[str, float, float | None, int | None]]:
-        """(experiment, started_at, ended_at, peak_bytes) of every succeeded attempt, oldest first:
-        what estimates learn from, without building full rows for a large run's history."""
-        return list(
-            self._db.execute(
-                "SELECT experiment, started_at, ended_at, peak_bytes FROM attempts WHERE state = ? ORDER BY id",
-                (A_SUCCEEDED,),
-            )
-        )
+    def succeeded_runs(self) -> list[tuple[str, float, int | None]]:
+        """(experiment, duration_s, peak_bytes) of every succeeded attempt, oldest first, what
+        estimates learn from: its duration is its own wall time plus that of the interrupted
+        attempts it resumed (a 5-minute tail of a preempted 4-hour run took 4 hours 5 minutes)."""
+        out: list[tuple[str, float, int | None]] = []
+        chain: dict[str, float] = {}  # experiment -> time of the interrupted attempts since its last end
+        for name, state, started_at, ended_at, peak in self._db.execute(
+            "SELECT experiment, state, started_at, ended_at, peak_bytes FROM attempts"
+            " WHERE state IN (?, ?, ?) ORDER BY id",
+            (A_SUCCEEDED, A_INTERRUPTED, A_FAILED),
+        ):
+            took = max(0.0, ended_at - started_at) if ended_at is not None else 0.0
+            if state == A_INTERRUPTED:
+                chain[name] = chain.get(name, 0.0) + took
+            elif state == A_SUCCEEDED:
+                out.append((name, chain.pop(name, 0.0) + took, peak))
+            else:
+                chain.pop(name, None)  # the next attempt starts afresh (GPUPACK_RESUME unset)
+        return out
 
     # --- events and samples -------------------------------------------------------------
 
