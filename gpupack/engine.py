@@ -25,8 +25,7 @@ from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
 from .signals import StopSignals, preempt_signal
-from .store import (
-    Event,
+from .states import (
     A_FAILED,
     A_INTERRUPTED,
     A_SUCCEEDED,
@@ -36,24 +35,15 @@ from .store import (
     RUNNING,
     SKIPPED,
     SUCCEEDED,
-    ExperimentRow,
-    Store,
-    StoreError,
+    WAITING,
+    queue_state,
 )
+from .store import Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
-
-_TO_POLICY = {
-    PENDING: State.PENDING,
-    INTERRUPTED: State.PENDING,
-    RUNNING: State.RUNNING,
-    SUCCEEDED: State.SUCCEEDED,
-    FAILED: State.FAILED,
-    SKIPPED: State.SKIPPED,
-}
 
 
 @dataclass
@@ -210,7 +200,7 @@ class Engine:
         return left
 
     def _pending(self) -> bool:
-        return any(s in (PENDING, INTERRUPTED) for s in self.states.values())
+        return any(s in WAITING for s in self.states.values())
 
     def run(self) -> int:
         idle_ticks = 0
@@ -226,7 +216,7 @@ class Engine:
             if self.signals.reason is not None:
                 return self._shutdown()
             requests = self._requests()
-            states = {n: _TO_POLICY[s] for n, s in self.states.items()}
+            states = {n: queue_state(s) for n, s in self.states.items()}
             self._mark_doomed(requests, states)
             decision = policy.place(
                 requests,
@@ -455,7 +445,7 @@ class Engine:
                 self._event("skip", name, f"{name} skipped: {why}")
         for name in doomed:
             self.states[name] = SKIPPED
-            states[name] = _TO_POLICY[SKIPPED]
+            states[name] = queue_state(SKIPPED)
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -485,7 +475,7 @@ class Engine:
         for r in list(self.running.values()):
             code = _wait_killed(r.handle)
             self._ended(r, code, self.clock(), interrupted=True)
-        left = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        left = [n for n, s in self.states.items() if s in WAITING]
         if left:
             done = self.hooks.requeue()
             if done:
@@ -495,7 +485,7 @@ class Engine:
 
     def _finish(self, decision: policy.Decision) -> int:
         now = self.clock()
-        waiting = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        waiting = [n for n, s in self.states.items() if s in WAITING]
         if waiting:
             with self.store.batch():  # one commit for thousands left waiting
                 for name in waiting:
@@ -505,7 +495,7 @@ class Engine:
                     self._event("warn", name, f"{name} cannot start: {decision.waiting.get(name, 'could not be placed')}")
             # Nothing runs and nothing can start: the remaining ones wait for time we don't have
             # (the next allocation will have it) or for resources that never free up.
-            time_bound = any("left in the allocation" in decision.waiting.get(n, "") for n in waiting)
+            time_bound = any(decision.why.get(n) is policy.Wait.TIME_LEFT for n in waiting)
             if time_bound:
                 done = self.hooks.requeue()
                 if done:

@@ -33,21 +33,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE attempts ADD COLUMN leader_start INTEGER",),
 }
 
-# Experiment states (DESIGN.md `status --json`).
-PENDING = "pending"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-INTERRUPTED = "interrupted"
-SKIPPED = "skipped"
-STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, SKIPPED)
-
-# Attempt states: an attempt row exists from the moment before its process is spawned.
-A_LAUNCHING = "launching"
-A_RUNNING = "running"
-A_SUCCEEDED = "succeeded"
-A_FAILED = "failed"
-A_INTERRUPTED = "interrupted"
+# The states live in states.py; re-exported here for the store's many readers.
+from .states import (  # noqa: E402
+    A_FAILED as A_FAILED,
+    A_INTERRUPTED as A_INTERRUPTED,
+    A_LAUNCHING as A_LAUNCHING,
+    A_RUNNING as A_RUNNING,
+    A_SUCCEEDED as A_SUCCEEDED,
+    FAILED as FAILED,
+    INTERRUPTED as INTERRUPTED,
+    PENDING as PENDING,
+    RUNNING as RUNNING,
+    SKIPPED as SKIPPED,
+    STATES as STATES,
+    SUCCEEDED as SUCCEEDED,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
