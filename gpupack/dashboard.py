@@ -48,6 +48,7 @@ from .store import (
 from .units import format_bytes, format_duration
 
 RECENT_EVENTS = 8
+_LEFT = (PENDING, RUNNING, INTERRUPTED)  # experiments whose work is still to do
 SNAPSHOT_WIDTH = 120  # a job log has no width; wide enough for a GPU row and its occupants
 _LIVE_MIN_INTERVAL_S = 0.5  # bursts of child exits call refresh many times; a redraw per half second is enough
 _EVENT_STYLE = {
@@ -108,7 +109,9 @@ class View:
 def build_view(store: Store, now: float) -> View:
     meta = store.meta()
     runs = store.runs()
-    experiments = [e for e in store.experiments() if e.in_manifest]
+    # Counts by SQL and full rows only of what is left: a view of a 10,000-experiment run is
+    # built every second (watch, the live dashboard, the published snapshot).
+    left = [e for e in store.experiments(states=_LEFT, params=False) if e.in_manifest]
     running = store.attempts(states=[A_LAUNCHING, A_RUNNING])
     inventory: dict[GpuKey, int | None] = {}  # GPU -> total bytes
     try:
@@ -135,10 +138,10 @@ def build_view(store: Store, now: float) -> View:
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
-    for e in experiments:
-        phases.setdefault(e.phase, Counter())[e.state] += 1
+    for phase, state, count in store.phase_state_counts():
+        phases.setdefault(phase, Counter())[state] += count
     sizes = [total for _u, _used, total in latest.values() if total]
-    eta, unknown = estimate_eta(store, experiments, running, len(keys), min(sizes, default=None), now)
+    eta, unknown = estimate_eta(store, left, running, len(keys), min(sizes, default=None), now)
     alloc_end = meta.get("alloc_end") or ""
     return View(
         run=meta.get("run_name", ""), now=now, job_id=meta.get("job_id", ""),
@@ -164,16 +167,17 @@ def estimate_eta(
     its declared `util` and its memory over the GPU's size, since memory caps packing), spread
     over all GPUs, but never less than the longest single experiment left. Dependencies and
     barriers are ignored, so it is a floor. An experiment without a time estimate borrows the
-    mean duration of its grid siblings that succeeded, else is counted as unknown."""
+    mean duration of its grid siblings that succeeded, else is counted as unknown. `experiments`
+    needs only those left (pending, running, interrupted); others are passed over."""
     learned: dict[str, list[float]] = defaultdict(list)
-    template = {e.name: e.template for e in experiments}
+    template = store.templates()
     for name, took_s, _peak in store.succeeded_runs():
         if name in template:
             learned[template[name]].append(took_s)
     started = {a.experiment: a.started_at for a in running}
     work, longest, unknown = 0.0, 0.0, 0
     for e in experiments:
-        if e.state not in (PENDING, RUNNING, INTERRUPTED):
+        if e.state not in _LEFT:
             continue
         spec: Mapping[str, Any] = e.spec
         siblings = learned[e.template]

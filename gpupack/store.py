@@ -24,6 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # The version of the tables below, kept in meta 'schema'. A writer migrates an older run
 # directory (_MIGRATIONS[v] takes version v to v + 1) and refuses a newer one; so does a reader
@@ -316,11 +317,17 @@ class Store:
 
     # --- experiments --------------------------------------------------------------------
 
-    def experiments(self) -> list[ExperimentRow]:
-        cur = self._db.execute(
-            "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest"
-            " FROM experiments ORDER BY in_manifest DESC, ord"
+    def experiments(self, states: Sequence[str] | None = None, params: bool = True) -> list[ExperimentRow]:
+        """All experiments, or those in `states`; params=False leaves params empty (views that
+        never show them skip a JSON parse per row: 40 ms over 10,000)."""
+        query = (
+            "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest FROM experiments"
         )
+        args: list[object] = []
+        if states is not None:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        cur = self._db.execute(query + " ORDER BY in_manifest DESC, ord", args)
         # Grid siblings share one spec text: parse it once (rows are read-only, sharing is safe).
         specs: dict[str, Mapping[str, object]] = {}
         rows = []
@@ -328,8 +335,44 @@ class Store:
             spec = specs.get(r[7])
             if spec is None:
                 spec = specs[r[7]] = json.loads(r[7])
-            rows.append(ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]), bool(r[9])))
+            rows.append(
+                ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]) if params else {}, bool(r[9]))
+            )
         return rows
+
+    def phase_state_counts(self) -> list[tuple[str, str, int]]:
+        """(phase, state, count) over the manifest's experiments, phases in manifest order."""
+        return list(
+            self._db.execute(
+                "SELECT e.phase, e.state, count(*) FROM experiments e JOIN (SELECT phase, min(ord) AS first"
+                " FROM experiments WHERE in_manifest = 1 GROUP BY phase) p ON p.phase = e.phase"
+                " WHERE e.in_manifest = 1 GROUP BY e.phase, e.state ORDER BY p.first, e.state"
+            )
+        )
+
+    def templates(self) -> dict[str, str]:
+        """name -> template of every experiment: whose grid siblings finished attempts belong to."""
+        return dict(self._db.execute("SELECT name, template FROM experiments"))
+
+    def status_rows(self) -> list[tuple[Any, ...]]:
+        """The manifest's experiments in order, each with its latest attempt, built by SQLite:
+        (name, phase, state, reason, attempts, gpus, node, started_at, ended_at, exit_code), the
+        attempt's columns None (and attempts 0) for one that never ran."""
+        rows = self._db.execute(
+            "SELECT e.name, e.phase, e.state, e.reason, coalesce(c.n, 0), a.gpus, a.node, a.started_at, a.ended_at,"
+            " a.exit_code FROM experiments e"
+            " LEFT JOIN (SELECT experiment, count(*) AS n, max(id) AS last FROM attempts GROUP BY experiment) c"
+            " ON c.experiment = e.name LEFT JOIN attempts a ON a.id = c.last"
+            " WHERE e.in_manifest = 1 ORDER BY e.ord"
+        ).fetchall()
+        gpus: dict[str | None, tuple[int, ...] | None] = {None: None}  # a few distinct values over thousands of rows
+        out = []
+        for r in rows:
+            g = gpus.get(r[5])
+            if g is None and r[5] is not None:
+                g = gpus[r[5]] = _gpus_tuple(r[5])
+            out.append((*r[:5], g, *r[6:]))
+        return out
 
     def change_mark(self) -> str:
         """What a report shows, in a few aggregates: equal marks, an equal report (windows aside).

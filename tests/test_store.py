@@ -110,3 +110,25 @@ def test_status_of_a_run_directory_from_a_newer_gpupack_exits_2_in_one_line(tmp_
     assert main(["status", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"schema {SCHEMA_VERSION + 1}" in err[0] and "upgrade gpupack" in err[0], err
+
+
+def test_the_aggregate_reads_agree_with_the_rows(store: Store) -> None:
+    """status_rows, phase_state_counts and change_mark answer from SQL what full rows would."""
+    from gpupack.store import A_FAILED, A_SUCCEEDED, SUCCEEDED
+
+    store.sync_experiments([row("t0", 0), row("t1", 1), row("t2", 2, phase="q"), row("t3", 3, phase="q")])  # t4 left the manifest
+    mark = store.change_mark()
+    first = store.begin_attempt("t1", 1, None, "n1", [0], "a.log", None, 10.0)
+    store.end_attempt(first, A_FAILED, 1, 20.0, FAILED, "exit code 1")
+    assert store.change_mark() != mark
+    second = store.begin_attempt("t1", 2, None, "n1", [2, 3], "b.log", None, 30.0)
+    store.end_attempt(second, A_SUCCEEDED, 0, 45.0, SUCCEEDED)
+    rows = {r[0]: r for r in store.status_rows()}
+    assert list(rows) == ["t0", "t1", "t2", "t3"]
+    assert rows["t0"] == ("t0", "p", PENDING, None, 0, None, None, None, None, None)
+    assert rows["t1"] == ("t1", "p", SUCCEEDED, None, 2, (2, 3), "n1", 30.0, 45.0, 0)  # the latest attempt
+    assert store.phase_state_counts() == [("p", PENDING, 1), ("p", SUCCEEDED, 1), ("q", PENDING, 2)]
+    left = store.experiments(states=[PENDING], params=False)
+    assert [e.name for e in left if e.in_manifest] == ["t0", "t2", "t3"] and all(e.params == {} for e in left)
+    mark = store.change_mark()
+    assert store.change_mark() == mark  # nothing changed, nothing to redraw
