@@ -171,9 +171,9 @@ def estimate_eta(
     needs only those left (pending, running, interrupted); others are passed over."""
     learned: dict[str, list[float]] = defaultdict(list)
     template = store.templates()
-    for name, started_at, ended_at, _peak in store.succeeded_attempts():
-        if ended_at is not None and name in template:
-            learned[template[name]].append(ended_at - started_at)
+    for name, took_s, _peak in store.succeeded_runs():
+        if name in template:
+            learned[template[name]].append(took_s)
     started = {a.experiment: a.started_at for a in running}
     work, longest, unknown = 0.0, 0.0, 0
     for e in experiments:

@@ -34,21 +34,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE attempts ADD COLUMN leader_start INTEGER",),
 }
 
-# Experiment states (DESIGN.md `status --json`).
-PENDING = "pending"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-INTERRUPTED = "interrupted"
-SKIPPED = "skipped"
-STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, SKIPPED)
-
-# Attempt states: an attempt row exists from the moment before its process is spawned.
-A_LAUNCHING = "launching"
-A_RUNNING = "running"
-A_SUCCEEDED = "succeeded"
-A_FAILED = "failed"
-A_INTERRUPTED = "interrupted"
+# The states live in states.py; re-exported here for the store's many readers.
+from .states import (  # noqa: E402
+    A_FAILED as A_FAILED,
+    A_INTERRUPTED as A_INTERRUPTED,
+    A_LAUNCHING as A_LAUNCHING,
+    A_RUNNING as A_RUNNING,
+    A_SUCCEEDED as A_SUCCEEDED,
+    FAILED as FAILED,
+    INTERRUPTED as INTERRUPTED,
+    PENDING as PENDING,
+    RUNNING as RUNNING,
+    SKIPPED as SKIPPED,
+    STATES as STATES,
+    SUCCEEDED as SUCCEEDED,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -578,15 +578,25 @@ class Store:
             )
         return rows
 
-    def succeeded_attempts(self) -> list[tuple[str, float, float | None, int | None]]:
-        """(experiment, started_at, ended_at, peak_bytes) of every succeeded attempt, oldest first:
-        what estimates learn from, without building full rows for a large run's history."""
-        return list(
-            self._db.execute(
-                "SELECT experiment, started_at, ended_at, peak_bytes FROM attempts WHERE state = ? ORDER BY id",
-                (A_SUCCEEDED,),
-            )
-        )
+    def succeeded_runs(self) -> list[tuple[str, float, int | None]]:
+        """(experiment, duration_s, peak_bytes) of every succeeded attempt, oldest first, what
+        estimates learn from: its duration is its own wall time plus that of the interrupted
+        attempts it resumed (a 5-minute tail of a preempted 4-hour run took 4 hours 5 minutes)."""
+        out: list[tuple[str, float, int | None]] = []
+        chain: dict[str, float] = {}  # experiment -> time of the interrupted attempts since its last end
+        for name, state, started_at, ended_at, peak in self._db.execute(
+            "SELECT experiment, state, started_at, ended_at, peak_bytes FROM attempts"
+            " WHERE state IN (?, ?, ?) ORDER BY id",
+            (A_SUCCEEDED, A_INTERRUPTED, A_FAILED),
+        ):
+            took = max(0.0, ended_at - started_at) if ended_at is not None else 0.0
+            if state == A_INTERRUPTED:
+                chain[name] = chain.get(name, 0.0) + took
+            elif state == A_SUCCEEDED:
+                out.append((name, chain.pop(name, 0.0) + took, peak))
+            else:
+                chain.pop(name, None)  # the next attempt starts afresh (GPUPACK_RESUME unset)
+        return out
 
     # --- events and samples -------------------------------------------------------------
 
