@@ -115,12 +115,25 @@ class AttemptNvmlProbe(NvmlProbe):
         return f"{ident.attempt}:{ident.experiment}"
 
 
+def simulated_node(spec: str, node: str, env: Mapping[str, str]) -> list[GpuInfo]:
+    """The simulated GPUs of `node` that a job step there may use: `spec` describes the node's
+    hardware and, as NVML does, only the GPUs CUDA_VISIBLE_DEVICES names count (a job may hold
+    2 of a node's 4), numbered from 0 in that order (all of them when it is unset)."""
+    gpus = parse_gpu_spec(spec, node)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return gpus
+    by_id = {g.cuda_id: g for g in gpus}
+    chosen = [by_id[t] for t in (t.strip() for t in visible.split(",")) if t in by_id]
+    return [GpuInfo(node, i, g.total_bytes, g.name, g.uuid, g.cuda_id) for i, g in enumerate(chosen)]
+
+
 def open_reader_probe(node: str, spec: str | None, run_dir: str | None, env: Mapping[str, str]) -> tuple[GpuProbe, bool]:
     """(probe, simulated). NVML unless a spec asks for simulated GPUs; NVML failing is an error
     here (the batch node decides what to do about a node it cannot read)."""
     spec = spec or env.get("GPUPACK_GPUS") or None
     if spec:
-        return SimulatedProbe(parse_gpu_spec(spec, node)), True
+        return SimulatedProbe(simulated_node(spec, node, env)), True
     probe = AttemptNvmlProbe(node, run_dir, env)
     if not probe.inventory():
         raise NvmlError("; ".join(probe.problems) or "NVML found no GPU")

@@ -23,7 +23,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
@@ -318,8 +318,10 @@ class SrunLauncher(LocalLauncher):
         return self.here is not None and node == self.here
 
     def launch(self, spec: LaunchSpec) -> Handle:
+        from .slurm_nodes import srun_env
+
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
-        handle = super().launch(spec)
+        handle = super().launch(replace(spec, env=srun_env(spec.env)))
         now = time.time()
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
