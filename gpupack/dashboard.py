@@ -43,7 +43,7 @@ from rich.text import Text
 from .report import GpuKey, gpu_key, gpu_label
 from .store import (
     A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
-    ExperimentRow, Store,
+    UNAVAILABLE_META, ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
 
@@ -72,6 +72,7 @@ class GpuView:
     used_bytes: int | None
     total_bytes: int | None
     occupants: tuple[Occupant, ...]
+    unavailable: str = ""  # why it takes no new experiment (readings failing, node lost)
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,12 @@ def build_view(store: Store, now: float) -> View:
         for index in a.gpus:
             occupants[gpu_key(inventory or latest, a.node, index)].append(Occupant(a.experiment, a.budget_bytes, a.peak_bytes))
     single = len({k[0] for k in keys}) <= 1
+    try:
+        unavailable = {str(k): str(v) for k, v in json.loads(meta.get(UNAVAILABLE_META) or "{}").items()}
+    except (ValueError, AttributeError):
+        unavailable = {}
     gpus = tuple(
-        GpuView(gpu_label(k, single), *latest[k], tuple(occupants.get(k, ())))
+        GpuView(gpu_label(k, single), *latest[k], tuple(occupants.get(k, ())), unavailable.get(f"{k[0]}:{k[1]}", ""))
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
@@ -270,7 +275,10 @@ def _gpu_table(view: View, plain: bool) -> Table:
         util.append(" " + _bar(None if g.util_pct is None else g.util_pct / 100, 10, plain), style="" if plain else "cyan")
         memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
         memory.append(_memory(g.used_bytes, g.total_bytes))
-        table.add_row(g.label, util, memory, "\n".join(_occupant(o) for o in g.occupants) or "-")
+        who = "\n".join(_occupant(o) for o in g.occupants) or "-"
+        if g.unavailable:
+            who = f"UNAVAILABLE: {g.unavailable}" + ("" if who == "-" else "\n" + who)
+        table.add_row(g.label, util, memory, who)
     return table
 
 

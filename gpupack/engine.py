@@ -9,6 +9,7 @@ job when work is left, and exits 3. A second signal skips the rest of the grace 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ from .states import (
     WAITING,
     queue_state,
 )
-from .store import Event, ExperimentRow, Store, StoreError
+from .store import UNAVAILABLE_META, Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
@@ -110,6 +111,7 @@ class Engine:
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self._last_sample = 0.0
         self._alloc_end: str | None = None
+        self._unavailable: dict[str, str] = {}  # "node:index" -> why it takes nothing new
         self.learned = Learned()
         # The scheduler's environment, read once: os.environ decodes every variable on each read.
         self._base_env = dict(os.environ)
@@ -213,6 +215,7 @@ class Engine:
                 track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
+            self._note_unavailable(reading)
             if self.signals.reason is not None:
                 return self._shutdown()
             requests = self._requests()
@@ -340,6 +343,24 @@ class Engine:
                     for r in self.running.values()
                 }
             )
+
+    def _note_unavailable(self, reading: Reading) -> None:
+        """Say when a GPU becomes unavailable (readings failing, node lost) or comes back, and
+        keep the current reasons in the store's meta for the dashboards' GPU rows."""
+        now = {f"{g.node}:{g.index}": g.unavailable for g in reading.gpus if g.unavailable}
+        if now == self._unavailable:
+            return
+        for key, why in now.items():
+            if self._unavailable.get(key) != why:
+                self._event("warn", None, f"{self._gpu_label(key)} unavailable: {why}; no new experiments there")
+        for key in self._unavailable.keys() - now.keys():
+            self._event("info", None, f"{self._gpu_label(key)} available again")
+        self._unavailable = now
+        self.store.set_meta({UNAVAILABLE_META: json.dumps(now, sort_keys=True)})
+
+    def _gpu_label(self, key: str) -> str:
+        node, index = key.rsplit(":", 1)
+        return f"gpu{index}" if len({g.node for g in self.inventory}) <= 1 else f"{node}:gpu{index}"
 
     # --- launch and reap ------------------------------------------------------------------
 
@@ -564,8 +585,6 @@ def _gpus_text(inventory: list[GpuInfo]) -> str:
 
 
 def _gpus_json(inventory: list[GpuInfo]) -> str:
-    import json
-
     return json.dumps(
         [{"node": g.node, "index": g.index, "total_bytes": g.total_bytes, "name": g.name, "uuid": g.uuid} for g in inventory]
     )

@@ -50,6 +50,10 @@ from .states import (  # noqa: E402
     SUCCEEDED as SUCCEEDED,
 )
 
+# meta key: JSON {"node:index": why} of the GPUs that take no new experiment now (the engine
+# writes it when the set changes; the dashboards show the reason on the GPU's row).
+UNAVAILABLE_META = "gpus_unavailable"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS experiments (
