@@ -45,6 +45,7 @@ from .units import format_bytes, format_duration
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
+COMPACT_EVERY_S = 600.0
 
 
 @dataclass
@@ -110,6 +111,7 @@ class Engine:
         self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self._last_sample = 0.0
+        self._last_compact = 0.0
         self._alloc_end: str | None = None
         self._unavailable: dict[str, str] = {}  # "node:index" -> why it takes nothing new
         self.learned = Learned()
@@ -235,7 +237,7 @@ class Engine:
             )
             launched = 0
             for placement in decision.placements:
-                if not self.launcher.may_launch(self.clock()):
+                if not self.launcher.may_launch(time.monotonic()):
                     break  # backpressure (Slurm step creation): the rest waits for a later tick
                 self._launch(placement)
                 launched += 1
@@ -337,6 +339,9 @@ class Engine:
                     for g in reading.gpus
                 ],
             )
+            if now - self._last_compact >= COMPACT_EVERY_S:
+                self._last_compact = now
+                self.store.compact(now)  # bounded history over a 24-hour run (store.SAMPLE_TIERS)
             self.store.record_usage(
                 {
                     r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
@@ -478,8 +483,10 @@ class Engine:
         # To each command alone (launch.Handle.preempt); one that has not recorded its pid yet
         # (launched a moment ago) is told on a later pass.
         untold = set(self.running)
-        deadline = now + self.options.grace_s
-        while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
+        # The grace period is measured on the monotonic clock: a wall clock stepped by NTP during
+        # it must neither cut it short (no checkpoint) nor stretch it past the allocation's end.
+        deadline = time.monotonic() + self.options.grace_s
+        while self.running and time.monotonic() < deadline and self.signals.count == signals_at_stop:
             for name in [n for n in untold if n in self.running]:
                 r = self.running[name]
                 if r.handle.preempt(r.preempt_signal):
@@ -490,7 +497,7 @@ class Engine:
                 if ended:
                     self._ended(r, code, self.clock(), interrupted=True)
             if self.running:
-                self.signals.sleep(min(0.5, max(0.0, deadline - self.clock())))
+                self.signals.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for r in list(self.running.values()):
             r.handle.kill()
         for r in list(self.running.values()):

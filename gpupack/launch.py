@@ -196,7 +196,7 @@ def cmd_file_for(log_path: Path) -> Path:
 class Launcher(Protocol):
     def launch(self, spec: LaunchSpec) -> Handle: ...
 
-    def may_launch(self, now: float) -> bool: ...
+    def may_launch(self, now: float) -> bool: ...  # now: time.monotonic()
 
     def ended(self, name: str) -> None: ...
 
@@ -291,7 +291,7 @@ class SrunLauncher(LocalLauncher):
     def launch(self, spec: LaunchSpec) -> Handle:
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
         handle = super().launch(spec)
-        now = time.time()
+        now = time.monotonic()  # the throttle's clock, as may_launch() is given it
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
         return handle
