@@ -221,9 +221,15 @@ def plan(
     """Predict the run's timeline with the run's own policy; nothing is launched."""
     from . import manifest as manifest_mod
     from .gpus import GpuSpecError, parse_gpu_spec
-    from .simulate import plan_data, render_plan
+    from .simulate import MAX_EXPERIMENTS, plan_data, render_plan
 
     manifest = _load_manifest(manifest_path)
+    if len(manifest.experiments) > MAX_EXPERIMENTS:
+        raise GpupackError(
+            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
+            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
+            "shapes: `gpupack run` has no such limit"
+        )
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
         inventory = parse_gpu_spec(spec, "node")

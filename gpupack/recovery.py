@@ -10,10 +10,15 @@ For every attempt still recorded as launching/running:
   adopt its group;
 - else its wrapper left an exit file: it finished while nobody watched, judge it with that status;
 - else it died with the scheduler: interrupted, it runs again with GPUPACK_RESUME=1.
+
+An attempt launched by a scheduler on another host (a requeued job that starts on another node)
+is never looked for or signalled here: its pid means nothing on this host. Slurm ended its steps
+with the job, so unless its wrapper left an exit file it is interrupted and resumes.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,15 +88,20 @@ def recover(
     """`run_dir` as experiments see it in GPUPACK_RUN_DIR (default: the store's directory);
     `runs_here(node)`: whether a command placed on `node` runs on this machine."""
     found: list[Recovered] = []
+    here = socket.gethostname()
+    hosts = {r["id"]: str(r["host"]) for r in store.runs()}  # the scheduler's host of every run
     run_dir_text = str(run_dir if run_dir is not None else store.path.parent)
     open_attempts = store.attempts(states=(A_LAUNCHING, A_RUNNING))
     starts = store.leader_starts([a.id for a in open_attempts])
     for attempt in open_attempts:
+        elsewhere = hosts.get(attempt.run_id)
+        if elsewhere == here:
+            elsewhere = None
         exp = experiments.get(attempt.experiment)
         log_path = Path(attempt.log_path)
         exit_file = exit_file_for(log_path)
         ident = Identity(run_dir_text, attempt.experiment, str(attempt.number))
-        handle = _find_running(attempt, ident, starts.get(attempt.id), runs_here(attempt.node))
+        handle = None if elsewhere is not None else _find_running(attempt, ident, starts.get(attempt.id), runs_here(attempt.node))
         if handle is not None:
             found.append(
                 Recovered("info", attempt.experiment, f"{attempt.experiment} is still running (pgid {handle.pgid}): adopted", attempt, handle)
@@ -109,8 +119,10 @@ def recover(
                     Recovered("fail", attempt.experiment, f"{attempt.experiment} failed ({outcome.reason}) while the scheduler was down", attempt)
                 )
             continue
-        store.end_attempt(attempt.id, A_INTERRUPTED, code, now, INTERRUPTED, "the scheduler stopped while it ran")
-        found.append(
-            Recovered("interrupt", attempt.experiment, f"{attempt.experiment} was lost with the previous scheduler: it runs again", attempt)
-        )
+        if elsewhere is not None:
+            why, lost = f"its scheduler ran on {elsewhere}", f"was lost with the previous scheduler on {elsewhere}"
+        else:
+            why, lost = "the scheduler stopped while it ran", "was lost with the previous scheduler"
+        store.end_attempt(attempt.id, A_INTERRUPTED, code, now, INTERRUPTED, why)
+        found.append(Recovered("interrupt", attempt.experiment, f"{attempt.experiment} {lost}: it runs again", attempt))
     return found
