@@ -249,7 +249,8 @@ class LocalLauncher:
         # Our unreaped child: its pid (and so its start time) cannot change under us.
         return Handle(
             spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
-            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node),
+            # A multi-node step's ranks all record their pid in the one file: srun tells them all.
+            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node) and len(spec.nodes) <= 1,
         )
 
 
