@@ -161,9 +161,12 @@ def watch(tmp: Path, manifest: Path, n: int, seconds: float) -> None:
     drained = threading.Thread(target=_drain, args=(controller,), daemon=True)
     drained.start()
     time.sleep(3)  # start-up (imports, the first view) is not the refresh cost
-    cpu0, t0 = cpu_seconds(viewer.pid), time.perf_counter()
-    time.sleep(seconds)
-    cpu1, t1 = cpu_seconds(viewer.pid), time.perf_counter()
+    cpu0, sched0, t0 = cpu_seconds(viewer.pid), cpu_seconds(run.pid), time.perf_counter()
+    rss = []
+    while time.perf_counter() - t0 < seconds:
+        rss.append(rss_bytes(run.pid) or 0)
+        time.sleep(1)
+    cpu1, sched1, t1 = cpu_seconds(viewer.pid), cpu_seconds(run.pid), time.perf_counter()
     viewer.terminate()
     viewer.wait()
     run.terminate()
@@ -172,6 +175,9 @@ def watch(tmp: Path, manifest: Path, n: int, seconds: float) -> None:
     share = (cpu1 - cpu0) / (t1 - t0) if cpu0 is not None and cpu1 is not None else float("nan")
     print(f"`gpupack watch --interval 1` in a terminal on {n} finished + 4 running, {seconds:.0f} s: "
           f"{share * 100:.1f}% of a core (target < 10%)")
+    if sched0 is not None and sched1 is not None:
+        print(f"  meanwhile the scheduler of that run (off a terminal, publishing its snapshot): "
+              f"{(sched1 - sched0) / (t1 - t0) * 100:.1f}% of a core, RSS {max(rss) / 1e6:.0f} MB")
 
 
 def _drain(fd: int) -> None:

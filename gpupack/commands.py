@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results
     from rich.console import Console
 
     from . import manifest as manifest_mod
+    from .pool import PoolProbe
+    from .slurm_nodes import NodeWatch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -90,7 +92,9 @@ def run(args: RunArgs, console: Console) -> int:
 
     manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
-    node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
+    node = socket.gethostname().split(".")[0]
+    if allocation and allocation.nodes:
+        node = allocation.batch_node or allocation.nodes[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
         probe, note = open_probe(
@@ -98,6 +102,17 @@ def run(args: RunArgs, console: Console) -> int:
         )
     except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
+    pool: PoolProbe | None = None
+    watch: NodeWatch | None = None
+    notes = [note] if note else []
+    if allocation is not None and len(allocation.nodes) > 1:
+        from .pool import for_allocation  # every other node's GPUs through a reader step
+
+        # The other nodes simulate GPUs too where this one does (--gpus, or no GPU found here).
+        spec = args.gpus or os.environ.get("GPUPACK_GPUS") or (fallback if note else None)
+        pool, watch, left_out = for_allocation(probe, allocation, str(manifest.run_dir), spec, args.poll_s, os.environ)
+        probe = pool
+        notes += left_out
     inventory = probe.inventory()
     headroom = 0
     if args.headroom:
@@ -126,8 +141,10 @@ def run(args: RunArgs, console: Console) -> int:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
+            lost = None if watch is None else (lambda force: watch.lost(time.time(), force))
+            node_gpus = {n: len(allocation.gpus_on(n)) for n in allocation.nodes}
             launcher: LocalLauncher = SrunLauncher(
-                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+                mode, node_gpus=node_gpus, here=os.environ.get("SLURMD_NODENAME"), lost_nodes=lost
             )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
@@ -155,8 +172,10 @@ def run(args: RunArgs, console: Console) -> int:
             # off its WAL database) from its first moment, not an earlier run's end.
             publisher.start()
             eng.prepare()
-            if note:
-                store.event("warn", None, note)
+            for line in notes:
+                store.event("warn", None, line)
+            if pool is not None:
+                pool.note = lambda line: store.event("warn", None, line)
             board.start()
             code = eng.run()
         except StoreError as exc:
@@ -169,6 +188,8 @@ def run(args: RunArgs, console: Console) -> int:
             board.stop()
             eng.close(code)
             publisher.close(code)
+            if pool is not None:
+                pool.close()  # stops the reader steps
         if args.report:
             _write_report(manifest.run_dir, store, console)
         store.close()
@@ -238,9 +259,15 @@ def plan(
     """Predict the run's timeline with the run's own policy; nothing is launched."""
     from . import manifest as manifest_mod
     from .gpus import GpuSpecError, parse_gpu_spec
-    from .simulate import plan_data, render_plan
+    from .simulate import MAX_EXPERIMENTS, plan_data, render_plan
 
     manifest = _load_manifest(manifest_path)
+    if len(manifest.experiments) > MAX_EXPERIMENTS:
+        raise GpupackError(
+            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
+            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
+            "shapes: `gpupack run` has no such limit"
+        )
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
         inventory = parse_gpu_spec(spec, "node")

@@ -52,6 +52,10 @@ if TYPE_CHECKING:  # rich is imported by render_plan alone: `plan --json` does n
 
 DEFAULT_TIME_S = 1800.0  # an experiment without a time estimate, in the simulation only
 _EPS = 1e-6
+# Every event calls place() over every experiment not yet ended, so a plan costs about the
+# square of its size: 10,000 experiments take 8 s on a 2-core machine, 100,000 would take
+# some fifteen minutes. Above this `plan` refuses in one line instead (benchmarks/README.md).
+MAX_EXPERIMENTS = 10_000
 _ENERGY_CUTS = 32
 
 
