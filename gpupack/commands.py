@@ -49,6 +49,7 @@ class RunArgs:
     srun_mode: str | None = None
     max_requeues: int = 10
     report: bool = True
+    state_dir: Path | None = None  # the live database on node-local disk (statedir.py)
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
@@ -126,8 +127,16 @@ def run(args: RunArgs, console: Console) -> int:
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
     with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
+        db_path = manifest.run_dir / "state.db"
+        if args.state_dir is not None:
+            from . import statedir
+
+            try:
+                db_path = statedir.prepare(args.state_dir, manifest.run_dir)
+            except statedir.StateDirError as exc:
+                raise GpupackError(str(exc)) from None
         try:
-            store = Store(manifest.run_dir / "state.db")
+            store = Store(db_path)
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
@@ -149,7 +158,7 @@ def run(args: RunArgs, console: Console) -> int:
 
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
-        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s)
+        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s, args.state_dir)
 
         def on_tick(now: float) -> None:
             board.refresh(now)
@@ -184,6 +193,14 @@ def run(args: RunArgs, console: Console) -> int:
         if args.report:
             _write_report(manifest.run_dir, store, console)
         store.close()
+        if args.state_dir is not None:
+            if publisher.copy_error is not None:
+                console.print(
+                    f"warning: {manifest.run_dir / 'state.db'} is not up to date ({publisher.copy_error}); "
+                    f"the run's state is in {db_path}: the next `gpupack run --state-dir` on this node uses it",
+                    highlight=False, soft_wrap=True,
+                )
+            statedir.finish(db_path, copied=publisher.copy_error is None)
         return code
 
 
@@ -268,7 +285,8 @@ def plan(
 
 
 def _check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / "state.db").is_file():
+    # status.json alone: a scheduler with --state-dir before its first copy into the run directory
+    if not (run_dir / "state.db").is_file() and not (run_dir / "status.json").is_file():
         raise GpupackError(f"{run_dir}: not a gpupack run directory (no state.db)")
 
 
