@@ -23,7 +23,7 @@ from rich.console import Console
 
 from . import engine as engine_mod
 from . import manifest as manifest_mod
-from .gpus import GpuSpecError, open_probe
+from .gpus import GpuSpecError, node_gpus, open_probe
 from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
 
@@ -52,9 +52,10 @@ class RunArgs:
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
-def _load_manifest(path: Path) -> manifest_mod.Manifest:
+def _load_manifest(path: Path, inventory: Sequence[Any] = ()) -> manifest_mod.Manifest:
+    """The manifest; a `nodes: K` experiment without `gpus` takes every GPU of a node of `inventory`."""
     try:
-        return manifest_mod.load(path)
+        return manifest_mod.load(path, node_gpus=node_gpus(inventory))
     except manifest_mod.ManifestError as exc:
         raise GpupackError(str(exc)) from None
 
@@ -89,15 +90,15 @@ def run_lock(run_dir: Path) -> Iterator[None]:
 def run(args: RunArgs, console: Console) -> int:
     from . import slurm  # Slurm facts; harmless outside an allocation
 
-    manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ, fallback)
+        probe, note = open_probe(args.gpus, node, os.environ, fallback, allocation.nodes if allocation else ())
     except GpuSpecError as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
+    manifest = _load_manifest(args.manifest, inventory)
     headroom = 0
     if args.headroom:
         try:
@@ -167,14 +168,14 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
     problems = []
-    reasons: dict[tuple[int, int | None, int], str | None] = {}  # a 10,000-run grid has a few shapes
+    reasons: dict[tuple[int, int | None, int, int], str | None] = {}  # a 10,000-run grid has a few shapes
     for exp in manifest.experiments:
-        shape = (exp.gpus, exp.mem_bytes, exp.cpus)  # all that unfit_reason looks at
+        shape = (exp.gpus, exp.mem_bytes, exp.cpus, exp.nodes)  # all that unfit_reason looks at
         if shape not in reasons:
             reasons[shape] = policy.unfit_reason(engine_mod.request_for(exp, exp.mem_bytes), snaps, headroom)
         why = reasons[shape]
         if why:
-            field = "gpus" if "GPU" in why and "memory" not in why else "mem"
+            field = "nodes" if "whole nodes of" in why else "gpus" if "GPU" in why and "memory" not in why else "mem"
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
@@ -187,13 +188,13 @@ def plan(
     from .gpus import parse_gpu_spec
     from .simulate import plan_data, render_plan
 
-    manifest = _load_manifest(manifest_path)
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
         inventory = parse_gpu_spec(spec, "node")
         limit = manifest_mod.parse_duration(time_limit) if time_limit else None
     except (GpuSpecError, ValueError) as exc:
         raise GpupackError(str(exc) if isinstance(exc, GpuSpecError) else f"--time: {exc}") from None
+    manifest = _load_manifest(manifest_path, inventory)
     _refuse_unfit(manifest, inventory, 0)
     data = plan_data(manifest, inventory, limit)
     if as_json:

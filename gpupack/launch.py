@@ -7,18 +7,26 @@ POSIX sh wrapper leads the group (sh starts in half the time of bash; the comman
 bash): it traps the stop signals so that it outlives them (the command still gets them), and
 records the command's exit status in `.attempt-<n>.exit`, so a scheduler that was dead when the
 experiment finished still learns the real outcome.
+
+A multi-node experiment (LaunchSpec.nodes) is one attempt too. Locally (simulated nodes) its K
+ranks run inside the one wrapper and process group (ranks.py: one exit status, the first
+non-zero one of a rank, else 0) with MASTER_ADDR=127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
+
+from . import ranks
 
 if TYPE_CHECKING:
     from .slurm import GpuMode
@@ -31,7 +39,6 @@ _WRAPPER = (
     'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; echo $$ > "${exit_file%.exit}.pid"; "$@"; rc=$?; '
     'printf "%s\\n" "$rc" > "$exit_file"; exit "$rc"'
 )
-
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -149,7 +156,15 @@ class LocalLauncher:
         pass
 
     def argv(self, spec: LaunchSpec) -> list[str]:
+        if spec.nodes:  # simulated nodes: the K ranks side by side on this machine (ranks.py)
+            return [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes]
         return ["bash", "-c", spec.cmd]
+
+    def environment(self, spec: LaunchSpec) -> dict[str, str]:
+        env = dict(spec.env)
+        if spec.nodes:
+            env["MASTER_ADDR"] = "127.0.0.1"  # every simulated node is this machine
+        return env
 
     def launch(self, spec: LaunchSpec) -> Handle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +177,7 @@ class LocalLauncher:
             popen = subprocess.Popen(
                 ["/bin/sh", "-c", _WRAPPER, "gpupack-wrap", str(exit_file), *self.argv(spec)],
                 cwd=spec.workdir,
-                env=dict(spec.env),
+                env=self.environment(spec),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -191,6 +206,9 @@ class SrunLauncher(LocalLauncher):
         self.node_gpus = node_gpus
         self.throttle = StepThrottle(max_steps_per_s)
         self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
+
+    def environment(self, spec: LaunchSpec) -> dict[str, str]:
+        return dict(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
@@ -235,7 +253,8 @@ class SrunLauncher(LocalLauncher):
 def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:
     gpus = ",".join(spec.cuda_ids) if spec.cuda_ids else "none"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    log.write(f"# gpupack: {spec.name} attempt {spec.attempt} started {stamp} on {spec.node or 'local'} gpus={gpus}\n".encode())
+    where = ",".join(spec.nodes) or spec.node or "local"
+    log.write(f"# gpupack: {spec.name} attempt {spec.attempt} started {stamp} on {where} gpus={gpus}\n".encode())
 
 
 def experiment_env(
@@ -248,8 +267,12 @@ def experiment_env(
     attempt: int,
     resume: bool,
     cuda_ids: Sequence[str],
+    nodes: Sequence[str] = (),
+    master_port: int | None = None,
 ) -> dict[str, str]:
-    """DESIGN.md "What an experiment sees"."""
+    """README "What an experiment sees". For a multi-node experiment (`nodes`, in rank order) the
+    variables all ranks share; the launcher adds MASTER_ADDR and each rank's RANK, NODE_RANK and
+    GPUPACK_NODE_RANK."""
     env = dict(base)
     env.update(extra)
     visible = ",".join(cuda_ids)
@@ -267,4 +290,21 @@ def experiment_env(
         env["GPUPACK_RESUME"] = "1"
     else:
         env.pop("GPUPACK_RESUME", None)
+    if nodes:
+        k = str(len(nodes))
+        env.update({"WORLD_SIZE": k, "GPUPACK_NNODES": k, "GPUPACK_NODES": ",".join(nodes)})
+        if master_port is not None:
+            env["MASTER_PORT"] = str(master_port)
     return env
+
+
+def free_port(taken: Collection[int] = ()) -> int:
+    """A TCP port free on this machine now and not in `taken` (ports given to experiments that
+    have not bound them yet): the kernel's choice of an ephemeral port, which on the nodes of one
+    cluster is as likely free on the first node of a multi-node step as here."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
