@@ -7,12 +7,12 @@
 
 The parent re-runs the same command line nproc times with the torch.distributed variables
 (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free port), which accelerate's
-Accelerator reads. Why not torchrun: its agent has no handler for SIGUSR2, so the preempt
-signal that gpupack sends to the whole process group kills the agent at once; and it answers
-SIGTERM by terminating its workers itself. Here the parent outlives the signal: it forwards
-the preempt signal to its ranks (which ignore a second copy), waits for them to checkpoint
-and exit, and exits with their code. A rank that fails otherwise leaves its peers blocked in
-a collective forever, so the parent kills them and exits with the failure's code.
+Accelerator reads. Why not torchrun: its agent has no handler for SIGUSR2, the preempt signal
+that gpupack sends to the command (the parent here) alone, so it would die at once; and it
+answers SIGTERM by terminating its workers on its own schedule. Here the parent outlives the
+signal: it forwards the preempt signal to its ranks (which ignore a second copy), waits for them
+to checkpoint and exit, and exits with their code. A rank that fails otherwise leaves its peers
+blocked in a collective forever, so the parent kills them and exits with the failure's code.
 """
 
 from __future__ import annotations

@@ -9,10 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-
-from . import commands
-from .commands import GpupackError
 from .signals import default_stop_signals
 
 EPILOG = """exit codes: 0 all succeeded, 1 some failed, 2 bad input or run directory busy,
@@ -66,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="write report/ (summary.json, timeline.png, report.html)")
     p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, metavar="DIR", help="write the files here instead of RUN_DIR/report (a read-only run directory)")
 
     p = sub.add_parser("results", help="tables of results.json metrics, mean +- 95%% CI over seeds")
     p.add_argument("run_dir", type=Path)
@@ -82,8 +79,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "run":
         default_stop_signals()
-    console = Console(highlight=False)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    from . import commands  # after parsing: `--help` and bad arguments import nothing more
+
+    new_console = commands.new_console  # rich only where a command draws with it
     try:
         if args.command == "run":
             return commands.run(
@@ -93,26 +91,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     max_requeues=args.max_requeues, report=not args.no_report,
                     argv=tuple(_run_argv(argv)),
                 ),
-                console,
+                new_console(),
             )
         if args.command == "plan":
-            return commands.plan(args.manifest, args.gpus, args.time, args.json, sys.stdout, console)
+            return commands.plan(args.manifest, args.gpus, args.time, args.json, sys.stdout, None if args.json else new_console())
         if args.command == "status":
-            return commands.status(args.run_dir, args.json, sys.stdout, console)
+            return commands.status(args.run_dir, args.json, sys.stdout)
         if args.command == "watch":
-            return commands.watch(args.run_dir, args.interval, console)
+            return commands.watch(args.run_dir, args.interval, new_console())
         if args.command == "report":
-            return commands.report(args.run_dir, console)
+            return commands.report(args.run_dir, new_console(), args.out)
         if args.command == "results":
             return commands.results(args.run_dir, args.by, args.format, sys.stdout)
         if args.command == "reset":
-            return commands.reset(args.run_dir, args.patterns, console)
-    except GpupackError as exc:
+            return commands.reset(args.run_dir, args.patterns, new_console())
+    except commands.GpupackError as exc:
         for line in str(exc).splitlines():
-            err.print(f"gpupack: error: {line}", markup=False)
+            print(f"gpupack: error: {line}", file=sys.stderr, flush=True)
         return exc.code
     except sqlite3.Error as exc:  # a read outside the store's transactions (disk, corruption)
-        err.print(f"gpupack: error: state database: {exc}", markup=False)
+        print(f"gpupack: error: state database: {exc}", file=sys.stderr, flush=True)
         return commands.EXIT_BAD_INPUT
     except BrokenPipeError:  # `gpupack status --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

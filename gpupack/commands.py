@@ -6,26 +6,24 @@ directory is busy / unusable), 3 stopped early (preempted, or the time left was 
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import fnmatch
 import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from rich.console import Console
-
-from . import engine as engine_mod
-from . import manifest as manifest_mod
-from .gpus import GpuSpecError, node_gpus, open_probe
-from .launch import LocalLauncher, SrunLauncher
 from .store import RUNNING, Store, StoreError
+
+if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results` need none of these
+    from rich.console import Console
+
+    from . import manifest as manifest_mod
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -52,8 +50,18 @@ class RunArgs:
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
+def new_console() -> Console:
+    """rich is imported only by the commands that draw with it."""
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
 def _load_manifest(path: Path, inventory: Sequence[Any] = ()) -> manifest_mod.Manifest:
     """The manifest; a `nodes: K` experiment without `gpus` takes every GPU of a node of `inventory`."""
+    from . import manifest as manifest_mod
+    from .gpus import node_gpus
+
     try:
         return manifest_mod.load(path, node_gpus=node_gpus(inventory))
     except manifest_mod.ManifestError as exc:
@@ -61,41 +69,35 @@ def _load_manifest(path: Path, inventory: Sequence[Any] = ()) -> manifest_mod.Ma
 
 
 @contextmanager
-def run_lock(run_dir: Path) -> Iterator[None]:
-    """One scheduler per run directory: an flock held for the life of the process (released by
-    the kernel even on kill -9, so a crash never leaves a stale lock)."""
-    path = run_dir / "lock"
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise GpupackError(f"{run_dir}: cannot use the run directory: {exc.strerror}") from None
-    try:
+def run_lock(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
+    """One scheduler per run directory (runlock.py: flock, or an O_EXCL lock file where the file
+    system refuses flock)."""
+    from .runlock import LockError, run_lock as lock
+
+    with ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            raise GpupackError(
-                f"{run_dir}: another gpupack run is using this run directory ({holder}); "
-                "wait for it to end or stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+            stack.enter_context(lock(run_dir, job_id))
+        except LockError as exc:
+            raise GpupackError(str(exc)) from None
         yield
-    finally:
-        os.close(fd)
 
 
 def run(args: RunArgs, console: Console) -> int:
+    from . import engine as engine_mod
+    from . import manifest as manifest_mod
     from . import slurm  # Slurm facts; harmless outside an allocation
+    from .gpus import GpuSpecError, NvmlError, open_probe
+    from .launch import LocalLauncher, SrunLauncher
 
     allocation = slurm.Allocation.from_env(os.environ)
     node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
-        probe, note = open_probe(args.gpus, node, os.environ, fallback, allocation.nodes if allocation else ())
-    except GpuSpecError as exc:
+        probe, note = open_probe(
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0,
+            names=allocation.nodes if allocation else (),
+        )
+    except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
     inventory = probe.inventory()
     manifest = _load_manifest(args.manifest, inventory)
@@ -106,18 +108,21 @@ def run(args: RunArgs, console: Console) -> int:
         except ValueError as exc:
             raise GpupackError(f"--headroom: {exc}") from None
     _refuse_unfit(manifest, inventory, headroom)
+    _refuse_bad_preempt_signal()
     try:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
-    with run_lock(manifest.run_dir):
+    with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
         try:
             store = Store(manifest.run_dir / "state.db")
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
-            launcher: LocalLauncher = SrunLauncher(mode, node_gpus=allocation.gpus_per_node or None)
+            launcher: LocalLauncher = SrunLauncher(
+                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+            )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
             launcher = LocalLauncher()
@@ -126,12 +131,23 @@ def run(args: RunArgs, console: Console) -> int:
         eng = engine_mod.Engine(manifest, store, probe, launcher, inventory, options, hooks)
         from .dashboard import Dashboard
 
+        from .publish import Publisher
+
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
-        eng.on_tick = board.refresh
+        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s)
+
+        def on_tick(now: float) -> None:
+            board.refresh(now)
+            publisher.tick(now)
+
+        eng.on_tick = on_tick
         eng.signals.install()
         code = EXIT_FAILED
         try:
+            # Before prepare: readers on other hosts must see this scheduler's heartbeat (and keep
+            # off its WAL database) from its first moment, not an earlier run's end.
+            publisher.start()
             eng.prepare()
             if note:
                 store.event("warn", None, note)
@@ -146,24 +162,33 @@ def run(args: RunArgs, console: Console) -> int:
         finally:
             board.stop()
             eng.close(code)
+            publisher.close(code)
         if args.report:
-            _write_report(manifest.run_dir, console)
+            _write_report(manifest.run_dir, store, console)
         store.close()
         return code
 
 
-def _write_report(run_dir: Path, console: Console) -> None:
+def _write_report(run_dir: Path, store: Store, console: Console) -> None:
+    """report/ without timeline.png (README "The run directory"), and only when the run changed
+    what it shows: a rerun over 10,000 finished experiments redrew them all, for nothing."""
+    html = run_dir / "report" / "report.html"
+    mark = store.change_mark()
+    if store.meta().get("report_mark") == mark and html.is_file():
+        console.print(f"report: {html} (nothing changed)", highlight=False, soft_wrap=True)
+        return
     try:
         from .report import write_report
 
-        paths = write_report(run_dir)
-        if "html" in paths:
-            console.print(f"report: {paths['html']}", highlight=False)
+        paths = write_report(run_dir, png=False, store=store)
+        store.set_meta({"report_mark": mark})
+        console.print(f"report: {paths['html']}", highlight=False, soft_wrap=True)
     except Exception as exc:  # a report is a convenience; never let it turn a good run into a failure
         console.print(f"warning: could not write the report: {exc}", highlight=False)
 
 
 def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], headroom: int) -> None:
+    from . import engine as engine_mod
     from . import policy
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
@@ -181,12 +206,25 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
         raise GpupackError("\n".join(problems))
 
 
+def _refuse_bad_preempt_signal() -> None:
+    """GPUPACK_PREEMPT_SIGNAL in the scheduler's environment (a manifest's `env` is checked with
+    the manifest): a signal neither gpupack nor `gpupack.job` understands is refused up front."""
+    from .signals import preempt_signal
+
+    try:
+        preempt_signal(os.environ)
+    except ValueError as exc:
+        raise GpupackError(f"environment: {exc}") from None
+
+
 def plan(
-    manifest_path: Path, gpus: str | None, time_limit: str | None, as_json: bool, out: IO[str], console: Console
+    manifest_path: Path, gpus: str | None, time_limit: str | None, as_json: bool, out: IO[str],
+    console: Console | None = None,
 ) -> int:
     """Predict the run's timeline with the run's own policy; nothing is launched."""
-    from .gpus import parse_gpu_spec
-    from .simulate import plan_data, render_plan
+    from . import manifest as manifest_mod
+    from .gpus import GpuSpecError, parse_gpu_spec
+    from .simulate import MAX_EXPERIMENTS, plan_data, render_plan
 
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
@@ -195,43 +233,68 @@ def plan(
     except (GpuSpecError, ValueError) as exc:
         raise GpupackError(str(exc) if isinstance(exc, GpuSpecError) else f"--time: {exc}") from None
     manifest = _load_manifest(manifest_path, inventory)
+    if len(manifest.experiments) > MAX_EXPERIMENTS:
+        raise GpupackError(
+            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
+            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
+            "shapes: `gpupack run` has no such limit"
+        )
     _refuse_unfit(manifest, inventory, 0)
     data = plan_data(manifest, inventory, limit)
     if as_json:
         json.dump(data, out, indent=1)
         out.write("\n")
     else:
-        render_plan(data, console)
+        render_plan(data, console or new_console())
     return EXIT_OK
 
 
-def _open_store(run_dir: Path) -> Store:
-    db = run_dir / "state.db"
-    if not db.is_file():
+def _check_run_dir(run_dir: Path) -> None:
+    if not (run_dir / "state.db").is_file():
         raise GpupackError(f"{run_dir}: not a gpupack run directory (no state.db)")
+
+
+def _open_store(run_dir: Path) -> Store:
+    """The run's database read-only, from any host and on a read-only copy (reader.py)."""
+    from .reader import open_database
+
+    _check_run_dir(run_dir)
     try:
-        return Store(db, readonly=True)
+        return open_database(run_dir)
     except StoreError as exc:
         raise GpupackError(str(exc)) from None
 
 
-def status(run_dir: Path, as_json: bool, out: IO[str], console: Console) -> int:
-    from .status import status_data
+def status(run_dir: Path, as_json: bool, out: IO[str], console: Console | None = None) -> int:
+    from .reader import open_run
 
-    store = _open_store(run_dir)
-    data = status_data(store, store.meta().get("run_name", run_dir.name))
+    _check_run_dir(run_dir)
+    try:
+        source = open_run(run_dir)
+    except StoreError as exc:
+        raise GpupackError(str(exc)) from None
+    try:
+        now = time.time()
+        data = source.status()
+        line = source.writer_line(now)
+    finally:
+        source.close()
     if as_json:
-        json.dump(data, out, indent=1)
-        out.write("\n")
+        from .jsonout import dumps_rows
+
+        out.write(dumps_rows({"run": data["run"], "scheduler": line, "source": source.source, **data}, "experiments"))
         return EXIT_OK
     from .dashboard import status_table
 
-    console.print(status_table(data))
+    # Colours only in a terminal: piped, the table is plain text and rich is not even imported.
+    out.write(status_table(data, console=console or (new_console() if out.isatty() else None)))
+    if line:
+        out.write(line + "\n")
     return EXIT_OK
 
 
 def reset(run_dir: Path, patterns: Sequence[str], console: Console) -> int:
-    _open_store(run_dir).close()
+    _check_run_dir(run_dir)
     with run_lock(run_dir):
         store = Store(run_dir / "state.db")
         names = [r.name for r in store.experiments()]
@@ -250,25 +313,38 @@ def reset(run_dir: Path, patterns: Sequence[str], console: Console) -> int:
 def watch(run_dir: Path, interval_s: float, console: Console) -> int:
     from .dashboard import watch as watch_view
 
-    _open_store(run_dir).close()
-    return watch_view(run_dir, console, interval_s)
+    _check_run_dir(run_dir)
+    try:
+        return watch_view(run_dir, console, interval_s)
+    except StoreError as exc:
+        raise GpupackError(str(exc)) from None
 
 
-def report(run_dir: Path, console: Console) -> int:
-    _open_store(run_dir).close()
+def report(run_dir: Path, console: Console, out_dir: Path | None = None) -> int:
+    store = _open_store(run_dir)
     from .report import write_report
 
-    for kind, path in write_report(run_dir).items():
+    try:
+        written = write_report(run_dir, out_dir=out_dir, store=store)
+    except OSError as exc:  # report/ in a read-only run directory: say where else it can go
+        where = out_dir or run_dir / "report"
+        raise GpupackError(f"{where}: cannot write the report: {exc.strerror}; choose another place with --out DIR") from None
+    finally:
+        store.close()
+    for kind, path in written.items():
         console.print(f"{kind}: {path}", highlight=False)
     return EXIT_OK
 
 
 def results(run_dir: Path, by: Sequence[str] | None, fmt: str, out: IO[str]) -> int:
-    _open_store(run_dir).close()
+    store = _open_store(run_dir)
     from . import results as results_mod
 
     problems: list[str] = []
-    rows = results_mod.collect(run_dir, problems)
+    try:
+        rows = results_mod.collect(run_dir, problems, store=store)
+    finally:
+        store.close()
     for line in problems:
         print(f"gpupack: warning: {line}", file=sys.stderr)
     try:

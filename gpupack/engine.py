@@ -18,15 +18,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from . import policy, recovery
-from .estimates import Learned, oom_budget
+from .estimates import Learned, oom_budget, resumed_time_s
 from .gpus import GpuInfo, GpuProbe, Reading
 from .launch import Handle, LaunchSpec, Launcher, experiment_env, free_port
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
-from .signals import StopSignals
-from .store import (
-    Event,
+from .signals import StopSignals, preempt_signal
+from .states import (
     A_FAILED,
     A_INTERRUPTED,
     A_SUCCEEDED,
@@ -36,24 +35,15 @@ from .store import (
     RUNNING,
     SKIPPED,
     SUCCEEDED,
-    ExperimentRow,
-    Store,
-    StoreError,
+    WAITING,
+    queue_state,
 )
+from .store import Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
-
-_TO_POLICY = {
-    PENDING: State.PENDING,
-    INTERRUPTED: State.PENDING,
-    RUNNING: State.RUNNING,
-    SUCCEEDED: State.SUCCEEDED,
-    FAILED: State.FAILED,
-    SKIPPED: State.SKIPPED,
-}
 
 
 @dataclass
@@ -61,7 +51,6 @@ class RunOptions:
     poll_s: float = 5.0
     grace_s: float = 60.0
     headroom_bytes: int = 0
-    preempt_signal: int = signal.SIGUSR2
     sample_every_s: float = 5.0
     max_requeues: int = 10
 
@@ -75,6 +64,8 @@ class Running:
     gpus: tuple[GpuKey, ...]
     budget_bytes: int | None
     started_at: float
+    preempt_signal: int = signal.SIGUSR2  # what its `gpupack.job` listens for (gpupack.signals)
+    resumed_s: float = 0.0  # wall time of the interrupted attempts it resumes: part of its duration
     peak_bytes: int = 0
     util_sum: float = 0.0
     util_n: int = 0
@@ -158,18 +149,22 @@ class Engine:
             with self.store.batch():  # a changed 10,000-experiment grid: one commit
                 for name in changed:
                     self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
-        for found in recovery.recover(self.store, self.by_name, now):
+        runs_here = getattr(self.launcher, "runs_here", lambda node: True)
+        for found in recovery.recover(self.store, self.by_name, now, self.manifest.run_dir, runs_here):
             self._event(found.kind, found.name, found.message)
             exp = self.by_name.get(found.name)
             if found.handle is not None and exp is not None:
                 a = found.attempt
                 self.running[found.name] = Running(
-                    exp, found.handle, a.id, a.number, a.keys, a.budget_bytes, a.started_at, node=a.nodes[0]
+                    exp, found.handle, a.id, a.number, a.keys, a.budget_bytes, a.started_at,
+                    preempt_signal({**self._base_env, **exp.env}),
+                    resumed_time_s([p for p in self.store.attempts(exp.name) if p.number < a.number], A_INTERRUPTED),
+                    node=a.nodes[0],
                 )
-        for name, started_at, ended_at, peak_bytes in self.store.succeeded_attempts():
+        for name, took_s, peak_bytes in self.store.succeeded_runs():
             exp = self.by_name.get(name)
-            if exp is not None and ended_at is not None:
-                self.learned.add(exp.template, ended_at - started_at, peak_bytes)
+            if exp is not None:
+                self.learned.add(exp.template, took_s, peak_bytes)
         # One read: the states after sync and recovery, in manifest order.
         self.states = self.store.experiment_states()
         again: dict[str, tuple[str, str | None]] = {}
@@ -209,7 +204,7 @@ class Engine:
         return left
 
     def _pending(self) -> bool:
-        return any(s in (PENDING, INTERRUPTED) for s in self.states.values())
+        return any(s in WAITING for s in self.states.values())
 
     def run(self) -> int:
         idle_ticks = 0
@@ -217,12 +212,15 @@ class Engine:
             now = self.clock()
             self._reap(now)
             # Read after reaping so the memory of what just ended is not counted as used.
+            track = getattr(self.probe, "track", None)  # NVML: whose processes are whose
+            if track is not None:
+                track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
             if self.signals.reason is not None:
                 return self._shutdown()
             requests = self._requests()
-            states = {n: _TO_POLICY[s] for n, s in self.states.items()}
+            states = {n: queue_state(s) for n, s in self.states.items()}
             self._mark_doomed(requests, states)
             decision = policy.place(
                 requests,
@@ -359,6 +357,7 @@ class Engine:
         previous = self.store.attempts(exp.name)  # one read for the number and the resume flag
         number = max((a.number for a in previous), default=0) + 1
         resume = bool(previous) and previous[-1].state == A_INTERRUPTED
+        resumed_s = resumed_time_s(previous, A_INTERRUPTED)  # they count in its duration
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
         node_text = ",".join(placement.nodes) or placement.node  # "n1,n2": README "status"
@@ -385,10 +384,11 @@ class Engine:
             return
         extra = ", resuming" if resume else ""
         started = f"{exp.name} started on {self._where(keys)} (attempt {number}{extra})"
-        self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started))
+        self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
         self.running[exp.name] = Running(
-            exp, handle, attempt_id, number, keys, budget, now, node=placement.node, master_port=port
+            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s,
+            node=placement.node, master_port=port,
         )
 
     def _reap(self, now: float) -> None:
@@ -411,7 +411,7 @@ class Engine:
         where = self._where(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded:
-            self.learned.add(exp.template, now - r.started_at, r.peak_bytes or None)
+            self.learned.add(exp.template, r.resumed_s + now - r.started_at, r.peak_bytes or None)
             event = Event(now, "finish", name, f"{name} succeeded in {took} on {where}")
             self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED, event=event, usage=usage)
             self.states[name] = SUCCEEDED
@@ -457,7 +457,7 @@ class Engine:
                 self._event("skip", name, f"{name} skipped: {why}")
         for name in doomed:
             self.states[name] = SKIPPED
-            states[name] = _TO_POLICY[SKIPPED]
+            states[name] = queue_state(SKIPPED)
 
     # --- the end ------------------------------------------------------------------------------
 
@@ -466,10 +466,15 @@ class Engine:
         now = self.clock()
         signals_at_stop = self.signals.count
         self._event("stop", None, f"stopping: {self.signals.reason}; {len(self.running)} running get the preempt signal")
-        for r in self.running.values():
-            r.handle.signal(self.options.preempt_signal)
+        # To each command alone (launch.Handle.preempt); one that has not recorded its pid yet
+        # (launched a moment ago) is told on a later pass.
+        untold = set(self.running)
         deadline = now + self.options.grace_s
         while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
+            for name in [n for n in untold if n in self.running]:
+                r = self.running[name]
+                if r.handle.preempt(r.preempt_signal):
+                    untold.discard(name)
             for name in list(self.running):
                 r = self.running[name]
                 ended, code = r.handle.poll()
@@ -482,7 +487,7 @@ class Engine:
         for r in list(self.running.values()):
             code = _wait_killed(r.handle)
             self._ended(r, code, self.clock(), interrupted=True)
-        left = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        left = [n for n, s in self.states.items() if s in WAITING]
         if left:
             done = self.hooks.requeue()
             if done:
@@ -492,7 +497,7 @@ class Engine:
 
     def _finish(self, decision: policy.Decision) -> int:
         now = self.clock()
-        waiting = [n for n, s in self.states.items() if s in (PENDING, INTERRUPTED)]
+        waiting = [n for n, s in self.states.items() if s in WAITING]
         if waiting:
             with self.store.batch():  # one commit for thousands left waiting
                 for name in waiting:
@@ -502,7 +507,7 @@ class Engine:
                     self._event("warn", name, f"{name} cannot start: {decision.waiting.get(name, 'could not be placed')}")
             # Nothing runs and nothing can start: the remaining ones wait for time we don't have
             # (the next allocation will have it) or for resources that never free up.
-            time_bound = any("left in the allocation" in decision.waiting.get(n, "") for n in waiting)
+            time_bound = any(decision.why.get(n) is policy.Wait.TIME_LEFT for n in waiting)
             if time_bound:
                 done = self.hooks.requeue()
                 if done:

@@ -3,6 +3,9 @@ after a CUDA out-of-memory failure."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 OOM_GROWTH = 1.25  # after a CUDA OOM: 1.25x the observed peak (or the budget, if larger)
 
 
@@ -14,11 +17,32 @@ def oom_budget(budget_bytes: int | None, peak_bytes: int, total_bytes: int) -> i
     return raised if raised > current else None
 
 
+class _Attempt(Protocol):
+    @property
+    def state(self) -> str: ...
+    @property
+    def started_at(self) -> float: ...
+    @property
+    def ended_at(self) -> float | None: ...
+
+
+def resumed_time_s(previous: Sequence[_Attempt], interrupted: str = "interrupted") -> float:
+    """Wall time of the interrupted attempts at the end of `previous` (oldest first), which the
+    next attempt resumes: part of the experiment's duration, not only the resumed tail."""
+    total = 0.0
+    for a in reversed(previous):
+        if a.state != interrupted:
+            break
+        total += max(0.0, (a.ended_at if a.ended_at is not None else a.started_at) - a.started_at)
+    return total
+
+
 class Learned:
     """Estimates learned from finished attempts of the same template family (grid siblings),
     which share a command shape and so, usually, a duration and a memory footprint.
 
-    Time: the median wall time of the family's succeeded attempts replaces the declaration.
+    Time: the median duration of the family's succeeded experiments replaces the declaration; a
+    resumed experiment's duration is the sum of its attempts since it last started afresh.
     Memory: the family's largest observed peak raises the declaration (never lowers it: a
     sibling that used less may have had a smaller grid value)."""
 

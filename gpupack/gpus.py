@@ -3,8 +3,8 @@
 NvmlProbe reads real GPUs through nvidia-ml-py; every NVML call of gpupack lives here. It never
 creates a CUDA context (NVML does not), uses the v2 memory query where the driver has it (v1
 counts reserved memory as free), and attributes per-process memory to experiments through the
-GPUPACK_EXPERIMENT variable in /proc/<pid>/environ, which works for local children and for srun
-steps alike. SimulatedProbe stands in for the hardware: used memory = the budgets of the
+attempt identity (GPUPACK_RUN_DIR, GPUPACK_EXPERIMENT, GPUPACK_ATTEMPT) in /proc/<pid>/environ,
+which works for local children and for srun steps alike. SimulatedProbe stands in for the hardware: used memory = the budgets of the
 experiments running on it.
 
 A reading that failed is None, never 0: the policy then assumes the worst.
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .policy import GpuKey, GpuSnapshot, Occupant
+from .procs import identity
 
 # One part of a --gpus spec: [NODES x] [GPUS x] SIZE [unit]; x may also be X or *.
 _SPEC = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)??(?:(\d+)\s*[xX*]\s*)?(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$")
@@ -27,6 +28,7 @@ SPEC_GRAMMAR = (
     "NODESxGPUSxSIZE (2x4x80GB: 2 nodes of 4 x 80 GB), GPUSxSIZE (4x80GB: one node), sizes of one "
     "node mixed with ',' (2x40GB,2x80GB), nodes of different kinds joined with '+' (2x4x80GB+2x40GB)"
 )
+
 
 class GpuSpecError(ValueError):
     pass
@@ -146,21 +148,30 @@ def _visible_filter(env: Mapping[str, str]) -> list[str] | None:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _experiment_of(pid: int) -> str | None:
-    """GPUPACK_EXPERIMENT from a process's environment; None if unreadable or not ours."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    for item in data.split(b"\0"):
-        if item.startswith(b"GPUPACK_EXPERIMENT="):
-            return item.split(b"=", 1)[1].decode(errors="replace")
-    return None
+class NvmlError(Exception):
+    """NVML cannot give gpupack the GPUs it should see; the message is one line naming the cause."""
+
+
+# Readings of a GPU that fail this many ticks in a row (fallen off the bus, Xid) make it
+# unavailable: nothing new is placed there until it answers again.
+FAILED_READINGS_BEFORE_UNAVAILABLE = 3
+
+
+@dataclass
+class _Device:
+    handle: Any
+    tokens: tuple[str, ...]  # what CUDA_VISIBLE_DEVICES may say to select it
+    uuid: str
+    mig: bool = False
 
 
 class NvmlProbe:
-    """Real GPUs through nvidia-ml-py (module `pynvml`)."""
+    """Real GPUs through nvidia-ml-py (module `pynvml`).
+
+    Errors are caught per device: a GPU that fails while the inventory is taken is left out and
+    named in `problems` (callers decide whether that is fatal: inside a Slurm allocation it is);
+    a GPU whose readings fail several ticks in a row is reported unavailable. MIG instances
+    (a GPU in MIG mode, `MIG-<uuid>` in CUDA_VISIBLE_DEVICES) are GPUs of their own size."""
 
     def __init__(self, node: str, nvml: Any = None, env: Mapping[str, str] | None = None):
         if nvml is None:
@@ -169,48 +180,92 @@ class NvmlProbe:
             nvml = pynvml
         self._nvml = nvml
         self._node = node
-        nvml.nvmlInit()
+        self.problems: list[str] = []
+        try:
+            nvml.nvmlInit()
+            count = nvml.nvmlDeviceGetCount()
+        except nvml.NVMLError as exc:
+            raise NvmlError(f"NVML does not start ({_short(exc)})") from None
         env = os.environ if env is None else env
         visible = _visible_filter(env)
+        devices: list[_Device] = []
+        for nvml_index in range(count):
+            try:
+                devices.extend(self._devices(nvml_index))
+            except nvml.NVMLError as exc:
+                self.problems.append(f"GPU {nvml_index} fails in NVML ({_short(exc)})")
         self._handles: list[Any] = []
         self._gpus: list[GpuInfo] = []
-        for nvml_index in range(nvml.nvmlDeviceGetCount()):
-            handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
-            uuid = _text(nvml.nvmlDeviceGetUUID(handle))
-            if visible is not None:
-                # The allocation's GPUs (Slurm sets CUDA_VISIBLE_DEVICES for the job) by index or UUID.
-                tokens = [t for t in visible if t == str(nvml_index) or (t.startswith("GPU-") and uuid.startswith(t))]
-                if not tokens:
-                    continue
-                cuda_id = tokens[0]
-            else:
-                cuda_id = str(nvml_index)
-            total = self._memory(handle)[0]
-            self._handles.append(handle)
-            self._gpus.append(
-                GpuInfo(node, len(self._gpus), total or 0, _text(nvml.nvmlDeviceGetName(handle)), uuid, cuda_id)
-            )
+        if visible is None:
+            chosen = [(d, d.tokens[0]) for d in devices]
+        else:
+            # The allocation's GPUs (Slurm sets CUDA_VISIBLE_DEVICES for the job) by index or UUID.
+            chosen = []
+            for token in visible:
+                match = next((d for d in devices if _selects(token, d)), None)
+                if match is None:
+                    self.problems.append(f"CUDA_VISIBLE_DEVICES names {token}, which NVML does not list")
+                elif all(d is not match for d, _ in chosen):
+                    chosen.append((match, token))
+            order = {id(d): i for i, d in enumerate(devices)}
+            chosen.sort(key=lambda pair: order[id(pair[0])])  # NVML (PCI bus) order, as before
+        for device, cuda_id in chosen:
+            try:
+                total = int(self._memory_info(device.handle).total)
+                name = _text(nvml.nvmlDeviceGetName(device.handle))
+            except nvml.NVMLError as exc:
+                self.problems.append(f"GPU {device.uuid} fails in NVML ({_short(exc)})")
+                continue
+            self._handles.append(device.handle)
+            self._gpus.append(GpuInfo(node, len(self._gpus), total, name, device.uuid, cuda_id))
+        self._failures = [0] * len(self._gpus)
+        self._last_error = [""] * len(self._gpus)
+        self._run_dir: str | None = None
+        self._attempts: dict[str, str] = {}
+
+    def _devices(self, nvml_index: int) -> list[_Device]:
+        nvml = self._nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(nvml_index)
+        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        try:
+            current = nvml.nvmlDeviceGetMigMode(handle)[0]
+        except (nvml.NVMLError, AttributeError):  # NotSupported: not a MIG-capable GPU
+            current = 0
+        if current != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
+            return [_Device(handle, (str(nvml_index), uuid), uuid)]
+        migs = []
+        for j in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+            try:
+                mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, j)
+            except nvml.NVMLError_NotFound:
+                continue  # an empty slot
+            mig_uuid = _text(nvml.nvmlDeviceGetUUID(mig))
+            migs.append(_Device(mig, (mig_uuid,), mig_uuid, mig=True))
+        return migs
 
     def inventory(self) -> list[GpuInfo]:
         return list(self._gpus)
 
-    def _memory(self, handle: Any) -> tuple[int | None, int | None]:
-        """(total, free) bytes; v2 first (it does not count reserved memory as free)."""
+    def track(self, run_dir: str, attempts: Mapping[str, int]) -> None:
+        """Whose memory is whose: a process counts for experiment X only when its environment
+        names this run directory and X's current attempt (two runs on one node may use the same
+        experiment names)."""
+        self._run_dir = run_dir
+        self._attempts = {name: str(n) for name, n in attempts.items()}
+
+    def _memory_info(self, handle: Any) -> Any:
+        """v2 first (it does not count reserved memory as free); raises NVMLError."""
         nvml = self._nvml
         try:
-            try:
-                info = nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
-            except (TypeError, AttributeError, nvml.NVMLError):
-                info = nvml.nvmlDeviceGetMemoryInfo(handle)
-            return int(info.total), int(info.free)
-        except nvml.NVMLError:
-            return None, None
+            return nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2)
+        except (TypeError, AttributeError, nvml.NVMLError):
+            return nvml.nvmlDeviceGetMemoryInfo(handle)
 
     def _util(self, handle: Any) -> float | None:
         try:
             return float(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         except self._nvml.NVMLError:
-            return None
+            return None  # also MIG instances, which have no utilization of their own
 
     def _processes(self, handle: Any) -> list[Any] | None:
         try:
@@ -221,19 +276,40 @@ class NvmlProbe:
     def read(self, running: Mapping[str, Occupant]) -> Reading:
         snaps: list[GpuSnapshot] = []
         usage: dict[str, dict[GpuKey, int]] = {}
-        for info, handle in zip(self._gpus, self._handles):
-            _total, free = self._memory(handle)
-            snaps.append(GpuSnapshot(info.node, info.index, info.total_bytes, free, self._util(handle), info.uuid))
+        for i, (info, handle) in enumerate(zip(self._gpus, self._handles)):
+            free: int | None = None
+            try:
+                free = int(self._memory_info(handle).free)
+                self._failures[i] = 0
+            except self._nvml.NVMLError as exc:
+                self._failures[i] += 1
+                self._last_error[i] = _short(exc)
+            unavailable = ""
+            if self._failures[i] >= FAILED_READINGS_BEFORE_UNAVAILABLE:
+                unavailable = f"NVML readings failing ({self._last_error[i]})"
+            snaps.append(GpuSnapshot(info.node, info.index, info.total_bytes, free, self._util(handle), info.uuid, unavailable))
             for proc in self._processes(handle) or []:
                 used = getattr(proc, "usedGpuMemory", None)
                 if not isinstance(used, int):  # NVML reports "not available" as None
                     continue
-                name = _experiment_of(int(proc.pid))
+                name = self._owner(int(proc.pid))
                 if name is None:
                     continue
                 per_gpu = usage.setdefault(name, {})
                 per_gpu[info.key] = per_gpu.get(info.key, 0) + used
         return Reading(tuple(snaps), usage)
+
+    def _owner(self, pid: int) -> str | None:
+        """The experiment whose current attempt of this run `pid` belongs to (see `track`);
+        before `track` is called, any process naming an experiment counts for it."""
+        ident = identity(pid)
+        if ident is None:
+            return None
+        if self._run_dir is None:
+            return ident.experiment
+        if ident.run_dir != self._run_dir or self._attempts.get(ident.experiment) != ident.attempt:
+            return None
+        return ident.experiment
 
     def close(self) -> None:
         try:
@@ -248,27 +324,49 @@ def node_gpus(inventory: Sequence[GpuInfo]) -> int | None:
     return max(counts.values()) if counts else None
 
 
+def _selects(token: str, device: _Device) -> bool:
+    """CUDA_VISIBLE_DEVICES token -> device: an index, or a (prefix of a) GPU-/MIG- UUID."""
+    if token.startswith(("GPU-", "MIG-")):
+        return device.uuid.startswith(token)
+    return not device.mig and token in device.tokens
+
+
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def open_probe(
-    spec: str | None, node: str, env: Mapping[str, str], fallback: str = "4x80GB", names: Sequence[str] = ()
+    spec: str | None, node: str, env: Mapping[str, str], fallback: str = "4x80GB", allocation_gpus: int = 0,
+    names: Sequence[str] = (),
 ) -> tuple[GpuProbe, str | None]:
-    """The probe to use and, when NVML was wanted but gave nothing, the one-line reason why
-    simulated GPUs (`fallback`) are used instead. `spec` (--gpus / GPUPACK_GPUS) forces them;
-    simulated nodes take `names` (the allocation's nodes) where there are enough."""
+    """The probe to use and a one-line warning, if any. `spec` (--gpus / GPUPACK_GPUS) forces
+    simulated GPUs; several simulated nodes take `names` (the allocation's nodes) where there are
+    enough. Outside an allocation, NVML finding no GPU means simulated `fallback` GPUs,
+    with a warning. Inside a Slurm allocation that holds GPUs (`allocation_gpus`), simulating
+    would launch real jobs onto made-up GPUs: any NVML failure raises NvmlError instead."""
     spec = spec or env.get("GPUPACK_GPUS") or None
     if spec:
         return SimulatedProbe(parse_gpu_spec(spec, node, names)), None
     why = "NVML found no GPU"
     try:
         probe = NvmlProbe(node, env=env)
-        if probe.inventory():
-            return probe, None
+    except NvmlError as exc:
+        probe, why = None, str(exc)
+    except Exception as exc:  # no nvidia-ml-py at all, or a library that fails to load
+        probe, why = None, f"NVML does not start ({_short(exc)})"
+    if probe is not None and probe.problems:
+        why = "; ".join(probe.problems)
+    if allocation_gpus and (probe is None or probe.problems or not probe.inventory()):
+        if probe is not None:
+            probe.close()
+        raise NvmlError(
+            f"{why} on {node}, inside a Slurm allocation with {allocation_gpus} GPU(s): gpupack will not "
+            "simulate them; fix NVML there, or pass --gpus SPEC to run on simulated GPUs on purpose"
+        )
+    if probe is not None and probe.inventory():
+        return probe, (f"{why}; using the other GPUs" if probe.problems else None)
+    if probe is not None:
         probe.close()
-    except Exception as exc:  # NVML missing, no driver, no permission: all mean "no GPU here"
-        why = f"NVML found no GPU ({_short(exc)})"
     return SimulatedProbe(parse_gpu_spec(fallback, node, names)), f"{why}; using simulated GPUs {fallback} (set --gpus to choose)"
 
 

@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-# USR2 by default, like submitit: NCCL installs its own handler on USR1.
-DEFAULT_PREEMPT_SIGNAL = signal.SIGUSR2
+from .signals import DEFAULT_PREEMPT_SIGNAL as DEFAULT_PREEMPT_SIGNAL  # re-exported for experiments
+from .signals import preempt_signal as _preempt_signal_of
 
 _received: signal.Signals | None = None
 
@@ -72,21 +72,8 @@ def attempt() -> int:
 
 def preempt_signals() -> tuple[signal.Signals, ...]:
     """The preempt signal (GPUPACK_PREEMPT_SIGNAL, e.g. USR2, SIGUSR2 or 12) and SIGTERM."""
-    raw = os.environ.get("GPUPACK_PREEMPT_SIGNAL", "").strip()
-    sig = DEFAULT_PREEMPT_SIGNAL if not raw else _parse_signal(raw)
+    sig = _preempt_signal_of(os.environ)  # the one the engine sends (gpupack.signals)
     return (sig,) if sig == signal.SIGTERM else (sig, signal.SIGTERM)
-
-
-def _parse_signal(raw: str) -> signal.Signals:
-    try:
-        if raw.isdigit():
-            return signal.Signals(int(raw))
-        name = raw.upper()
-        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
-    except (KeyError, ValueError):
-        raise ValueError(
-            f"GPUPACK_PREEMPT_SIGNAL: unknown signal {raw!r} (expected a name like USR2 or a number)"
-        ) from None
 
 
 def on_preempt(fn: Callable[[], object]) -> None:

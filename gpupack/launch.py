@@ -2,15 +2,23 @@
 SrunLauncher (a Slurm job step, whose local `srun` client is run the same way).
 
 Every attempt runs in its own session, so its whole process tree is one process group that
-gpupack signals and kills as a unit (children that outlive their parent included). A small
-POSIX sh wrapper leads the group (sh starts in half the time of bash; the command itself runs in
-bash): it traps the stop signals so that it outlives them (the command still gets them), and
-records the command's exit status in `.attempt-<n>.exit`, so a scheduler that was dead when the
-experiment finished still learns the real outcome.
+gpupack kills as a unit after the grace period (children that outlive their parent included).
+A small POSIX sh wrapper leads the group (sh starts in half the time of bash; the command itself
+runs in bash): it traps the stop signals so that it outlives stray ones, and records the
+command's exit status in `.attempt-<n>.exit`, so a scheduler that was dead when the experiment
+finished still learns the real outcome.
+
+The preempt signal goes to the command alone, never to the group: a trainer's DataLoader workers
+or ranks have no handler for it and would die before the trainer checkpoints. The command is
+started by `sh -c 'echo $$ > .attempt-<n>.cmd; exec bash -c CMD'`, locally or inside the job
+step, so its pid is known wherever it runs; gpupack signals that pid when the command runs on
+this machine (checked by its start-up identity in /proc), and otherwise signals the local srun
+client, which has Slurm deliver it to the step's task (with proctrack/cgroup, the task alone).
 
 A multi-node experiment (LaunchSpec.nodes) is one attempt too. Locally (simulated nodes) its K
-ranks run inside the one wrapper and process group (ranks.py: one exit status, the first
-non-zero one of a rank, else 0) with MASTER_ADDR=127.0.0.1.
+ranks run inside the one wrapper and process group, under ranks.py in the command's place (it
+passes the preempt signal on to every rank; one exit status: the first non-zero one of a rank,
+else 0), with MASTER_ADDR=127.0.0.1.
 """
 
 from __future__ import annotations
@@ -26,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from . import ranks
+from . import procs, ranks
+from .procs import Identity
 
 if TYPE_CHECKING:
     from .slurm import GpuMode
@@ -39,6 +48,10 @@ _WRAPPER = (
     'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; echo $$ > "${exit_file%.exit}.pid"; "$@"; rc=$?; '
     'printf "%s\\n" "$rc" > "$exit_file"; exit "$rc"'
 )
+# $0 = the command's pid file, the rest = `bash -c CMD`: the pid recorded is the command's own,
+# since exec keeps it (and bash execs a simple CMD in turn).
+_COMMAND = 'echo $$ > "$0"; exec "$@"'
+
 
 @dataclass(frozen=True)
 class LaunchSpec:
@@ -59,7 +72,11 @@ class LaunchSpec:
 
 @dataclass
 class Handle:
-    """A launched attempt. `popen` is None for a survivor adopted after a scheduler restart."""
+    """A launched attempt. `popen` is None for a survivor adopted after a scheduler restart.
+
+    A process-group id is trusted only together with its leader's start time (`leader_start`,
+    from /proc): after the group is gone its number may be reused by someone else's group, which
+    gpupack must neither wait for nor kill."""
 
     name: str
     pgid: int
@@ -67,6 +84,9 @@ class Handle:
     log_path: Path
     popen: subprocess.Popen[bytes] | None = None
     started_at: float = field(default_factory=time.time)
+    leader_start: int | None = None
+    identity: Identity | None = None  # the attempt's GPUPACK_* identity, to recognise its command
+    local: bool = True  # the command runs on this machine (its pid means something here)
 
     def poll(self) -> tuple[bool, int | None]:
         """(ended, exit code). An adopted group that vanished without an exit file has ended
@@ -80,23 +100,62 @@ class Handle:
                 try:
                     if os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                         return False, None
-                    self.signal(signal.SIGKILL)
+                    _killpg(self.pgid, signal.SIGKILL)
                 except ChildProcessError:
                     pass  # already reaped: the group id may be reused, so no kill
             code = self.popen.wait()
             return True, (128 - code) if code < 0 else code
-        if group_alive(self.pgid):
+        if self.group_is_ours():
             return False, None
         return True, read_int_file(self.exit_file)
 
-    def signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # already gone
+    def group_is_ours(self) -> bool:
+        """The group still runs and is this attempt's. A live leader must be the very process
+        that was recorded; with the leader gone, members alive keep the number reserved (Linux
+        does not reuse a pid that names a live group), so they are ours."""
+        if not group_alive(self.pgid):
+            return False
+        now = procs.start_time(self.pgid)
+        return now is None or self.leader_start is None or now == self.leader_start
+
+    def preempt(self, sig: int) -> bool:
+        """Send the preempt signal to the command (never to its children); False when it cannot
+        be delivered yet (the command has not recorded its pid): call again."""
+        if self.local:
+            pid = read_int_file(cmd_file_for(self.log_path))
+            if pid is None:
+                return not self.group_is_ours()  # nothing runs any more: nothing to tell
+            if self.identity is not None and procs.identity(pid) != self.identity:
+                return True  # the command has exited (its pid may already be someone else's)
+            for target in procs.command_targets(pid):
+                _kill(target, sig)
+            return True
+        # The command runs on another node: the local srun client passes the signal to its step.
+        if self.popen is None and not self.group_is_ours():
+            return True
+        clients = [c for c in procs.children(self.pgid) if os.path.basename((procs.cmdline(c) or [""])[0]) == "srun"]
+        for client in clients:
+            _kill(client, sig)
+        return bool(clients) or not group_alive(self.pgid)
 
     def kill(self) -> None:
-        self.signal(signal.SIGKILL)
+        """SIGKILL to the whole group, unless it is no longer this attempt's."""
+        if self.popen is not None or self.group_is_ours():
+            _killpg(self.pgid, signal.SIGKILL)
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # already gone
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # it just exited
 
 
 def group_alive(pgid: int) -> bool:
@@ -136,6 +195,11 @@ def pid_file_for(log_path: Path) -> Path:
     return log_path.with_name(f".{log_path.stem}.pid")
 
 
+def cmd_file_for(log_path: Path) -> Path:
+    """The command's own pid (the wrapper's child, or the step's task), as the command wrote it."""
+    return log_path.with_name(f".{log_path.stem}.cmd")
+
+
 class Launcher(Protocol):
     def launch(self, spec: LaunchSpec) -> Handle: ...
 
@@ -149,6 +213,9 @@ class LocalLauncher:
 
     kind = "local"
 
+    def runs_here(self, node: str) -> bool:
+        return True
+
     def may_launch(self, now: float) -> bool:
         return True
 
@@ -157,8 +224,8 @@ class LocalLauncher:
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         if spec.nodes:  # simulated nodes: the K ranks side by side on this machine (ranks.py)
-            return [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes]
-        return ["bash", "-c", spec.cmd]
+            return command_argv(spec, [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes])
+        return command_argv(spec)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         env = dict(spec.env)
@@ -171,6 +238,7 @@ class LocalLauncher:
         exit_file = exit_file_for(spec.log_path)
         exit_file.unlink(missing_ok=True)
         pid_file_for(spec.log_path).unlink(missing_ok=True)
+        cmd_file_for(spec.log_path).unlink(missing_ok=True)
         log = open(spec.log_path, "ab", buffering=0)
         try:
             _write_header(log, spec)
@@ -186,7 +254,16 @@ class LocalLauncher:
             )
         finally:
             log.close()
-        return Handle(spec.name, popen.pid, exit_file, spec.log_path, popen)
+        # Our unreaped child: its pid (and so its start time) cannot change under us.
+        return Handle(
+            spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
+            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node),
+        )
+
+
+def command_argv(spec: LaunchSpec, inner: Sequence[str] = ()) -> list[str]:
+    """`bash -c CMD` (or `inner`), behind the few bytes of sh that record the command's pid (_COMMAND)."""
+    return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), *(inner or ("bash", "-c", spec.cmd))]
 
 
 class SrunLauncher(LocalLauncher):
@@ -199,9 +276,12 @@ class SrunLauncher(LocalLauncher):
     kind = "srun"
     WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
-    def __init__(self, mode: GpuMode, node_gpus: int | None = None, max_steps_per_s: int = 5):
+    def __init__(
+        self, mode: GpuMode, node_gpus: int | None = None, max_steps_per_s: int = 5, here: str | None = None
+    ):
         from .slurm import StepThrottle
 
+        self.here = here  # the Slurm node this gpupack runs on (None: a login node, not one of the job's)
         self.mode = mode
         self.node_gpus = node_gpus
         self.throttle = StepThrottle(max_steps_per_s)
@@ -219,9 +299,12 @@ class SrunLauncher(LocalLauncher):
             gpu_indices=spec.cuda_ids,  # what CUDA_VISIBLE_DEVICES says, not positions
             cpus=spec.cpus,
             mode=self.mode,
-            inner_argv=["bash", "-c", spec.cmd],
+            inner_argv=command_argv(spec),
             node_gpus=self.node_gpus,
         )
+
+    def runs_here(self, node: str) -> bool:
+        return self.here is not None and node == self.here
 
     def launch(self, spec: LaunchSpec) -> Handle:
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0

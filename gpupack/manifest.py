@@ -52,6 +52,7 @@ from .templates import (
     render_scalar,
     text_problem,
 )
+from .signals import PREEMPT_SIGNAL_VAR, parse_signal
 from .units import parse_duration as parse_duration  # re-exported: callers use manifest.parse_duration
 from .units import parse_size as parse_size  # re-exported: callers use manifest.parse_size
 from .units import show_value as _show
@@ -225,7 +226,8 @@ def _is_scalar(value: object) -> bool:
     return isinstance(value, (str, bool, float)) and not (isinstance(value, str) and text_problem(value))
 
 
-_RESERVED_ENV = re.compile(r"CUDA_VISIBLE_DEVICES|GPUPACK_.*")
+# GPUPACK_PREEMPT_SIGNAL is the user's to set: it chooses the signal gpupack sends (README).
+_RESERVED_ENV = re.compile(r"CUDA_VISIBLE_DEVICES|GPUPACK_(?!PREEMPT_SIGNAL$).*")
 
 
 class _Invalid(ValueError):
@@ -234,6 +236,14 @@ class _Invalid(ValueError):
     def __init__(self, items: list[tuple[str, str]]):
         super().__init__("; ".join(what for _, what in items))
         self.items = items
+
+
+def _signal_problem(value: object) -> str | None:
+    try:
+        parse_signal(str(value))
+    except ValueError as exc:
+        return str(exc).split(": ", 1)[1]  # the field is named by the caller
+    return None
 
 
 def _env(value: object) -> dict[str, str]:
@@ -245,6 +255,8 @@ def _env(value: object) -> dict[str, str]:
             bad.append(("", f"bad variable name {_show(key)}"))
         elif _RESERVED_ENV.fullmatch(key):
             bad.append((f".{key}", "set by gpupack for each attempt; leave it out"))
+        elif key == PREEMPT_SIGNAL_VAR and (why := _signal_problem(item)):
+            bad.append((f".{key}", why))
         elif isinstance(item, str) and (why := text_problem(item)):
             bad.append((f".{key}", f"value {why}"))
         elif not _is_scalar(item):

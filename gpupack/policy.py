@@ -165,11 +165,23 @@ class Reservation:
     nodes: tuple[str, ...] = ()  # a nodes>1 head: all its nodes in rank order
 
 
+class Wait(str, enum.Enum):
+    """Why a pending experiment does not start, beside the one-line text: what callers act on."""
+
+    BARRIER = "barrier"  # behind a barrier phase
+    DEPENDENCY = "dependency"  # a dependency has not succeeded yet
+    DEPENDENCY_FAILED = "dependency-failed"  # a dependency failed or was skipped: it never will
+    TIME_LEFT = "time-left"  # needs more than the allocation's time left (the next one may have it)
+    RESERVED = "reserved"  # it would delay the reservation of the first in line
+    RESOURCES = "resources"  # no GPUs, memory or CPUs for it now
+
+
 @dataclass(frozen=True)
 class Decision:
     placements: tuple[Placement, ...]
     waiting: Mapping[str, str] = field(default_factory=dict)  # name -> one-line reason it waits
     reservation: Reservation | None = None
+    why: Mapping[str, Wait] = field(default_factory=dict)  # name -> the kind of that reason
 
 
 @dataclass(frozen=True)
@@ -474,7 +486,8 @@ def place(
     only fill up during a call) so a long queue behind full GPUs costs a dict lookup each.
     """
     waiting: dict[str, str] = {}
-    candidates, live = _candidates(requests, states, waiting)
+    why: dict[str, Wait] = {}
+    candidates, live = _candidates(requests, states, waiting, why)
     cp = _critical_paths(live)
     urgent = _urgent(candidates, live, states, occupants, cp, len(gpus), now_s)
     candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp[r.name], r.time_s is None,
@@ -494,17 +507,22 @@ def place(
         if left is not None and req.time_s is not None and req.time_s > left and not req.resumable:
             need, have = _fmt_duration(req.time_s), _fmt_duration(left)
             waiting[req.name] = f"needs {need}, {have} left in the allocation"
+            why[req.name] = Wait.TIME_LEFT
             continue
         shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus, req.nodes)
         guard = hold if hold is not None and hold.outlasts(req, now_s) else None
-        reason = failed.get((shape, False)) or (failed.get((shape, True)) if guard else None)
+        reason, kind = failed.get((shape, False)), Wait.RESOURCES
+        if reason is None and guard:
+            reason, kind = failed.get((shape, True)), Wait.RESERVED
         p = None
         if reason is None:
             p = guard.find(view, req) if guard else view.find(req)
             if p is None and guard and view.find(req) is not None:
-                reason = failed[(shape, True)] = f"reserved for {guard.head.name}{guard.note}"
+                reason, kind = f"reserved for {guard.head.name}{guard.note}", Wait.RESERVED
+                failed[(shape, True)] = reason
             elif p is None:
                 reason = failed[(shape, False)] = view.why_not(req)
+                kind = Wait.RESOURCES
         if p is None:
             assert reason is not None
             if hold is None and (shape, req.time_s, req.resumable) not in unreservable:
@@ -516,7 +534,7 @@ def place(
                     where = f"nodes {', '.join(res.nodes)}" if res.nodes else ", ".join(map(view.label, res.gpus)) or res.node
                     when = f"in {hold.starts_in}" if hold.starts_in else _UNKNOWN_END
                     reason += f"; first in line, holds {where} (free {when})"
-            waiting[req.name] = reason
+            waiting[req.name], why[req.name] = reason, kind
             continue
         c = _claim(p, req, now_s)
         view.add(c)
@@ -524,11 +542,11 @@ def place(
         if guard:  # still running at the reserved start
             guard.future.add(c)
         placements.append(p)
-    return Decision(tuple(placements), waiting, hold.res if hold else None)
+    return Decision(tuple(placements), waiting, hold.res if hold else None, why)
 
 
 def _candidates(
-    requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str]
+    requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str], why: dict[str, Wait]
 ) -> tuple[list[Request], dict[str, Request]]:
     """PENDING requests free to start, and every not-ended request by name; the pending ones
     that may not start get their reason in `waiting`. One pass over `requests`: most have ended."""
@@ -560,6 +578,7 @@ def _candidates(
             phase = first.phase or f"#{first.phase_index}"
             plural = "s" * (n != 1)
             waiting[r.name] = f"behind the barrier of phase {phase}: {n} earlier experiment{plural} not ended"
+            why[r.name] = Wait.BARRIER
             continue
         unmet = [d for d in r.depends_on if states.get(d, pending) is not State.SUCCEEDED]
         if not unmet:
@@ -568,6 +587,7 @@ def _candidates(
         dead = next((f"dependency {d} {w}" for d in unmet if (w := _ended_badly(states.get(d, pending)))), "")
         more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
         waiting[r.name] = dead or f"waiting for dependency {unmet[0]}{more}"
+        why[r.name] = Wait.DEPENDENCY_FAILED if dead else Wait.DEPENDENCY
     return out, live
 
 

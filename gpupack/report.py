@@ -1,38 +1,40 @@
-"""`gpupack report RUN_DIR`: what the run did, from state.db alone, as three files in <run>/report/.
+"""`gpupack report RUN_DIR`: what the run did, from state.db alone, as files in <run>/report/.
 
     summary.json  per experiment: state, attempts (each with its GPUs, times, exit code, peak
                   memory, mean utilization), declared memory and time; per GPU and overall: busy
                   fraction (time with >= 1 occupant / wall time of the run's allocations) and mean
                   NVML utilization, with the plan's > 80 % busy target and whether it was met.
-    timeline.png  one lane per GPU with each attempt as a bar coloured by phase (co-located
-                  attempts share the lane in sub-rows; failed hatched x, interrupted /), and the
-                  utilization curve of every GPU below. Needs matplotlib (extra [report]).
-    report.html   self-contained (inline CSS, the PNG as a data URI): opens from a login node
-                  or a laptop after scp, no server and no network.
+    report.html   self-contained (inline CSS, the timeline as inline SVG, see timeline.py): opens
+                  from a login node or a laptop after scp, no server and no network. Experiments
+                  are listed in collapsible groups per phase and state, with their counts.
+    timeline.png  the same timeline drawn by matplotlib (extra [report]); written by `gpupack
+                  report`, not at the end of `gpupack run` (matplotlib's import alone costs more
+                  than the rest of a large run's report).
 
 Every file is written to a temporary name and renamed, so a reader never sees half a report.
-Units in summary.json are in the key names (_s, _bytes, _pct, _fraction); only the PNG and the
+Units in summary.json are in the key names (_s, _bytes, _pct, _fraction); only the timeline and the
 HTML humanize (through units.py, as the dashboard does).
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
-import math
 import os
-import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .store import FAILED, INTERRUPTED, STATES, AttemptRow, ExperimentRow, Store
+from .jsonout import dumps_rows
+from .store import FAILED, INTERRUPTED, RUNNING, STATES, AttemptRow, ExperimentRow, Store
 from .units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # the dashboard imports this module for gpu labels: drawing is imported when drawing
+    from . import timeline
 
 TARGET_BUSY_FRACTION = 0.8  # the seed plan: GPUs busy > 80 % of the allocation
 
@@ -242,93 +244,20 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def timeline_png(facts: RunFacts, summary: dict[str, Any]) -> bytes | None:
-    """The timeline as PNG bytes, or None when matplotlib is not installed."""
-    try:
-        # Figure without pyplot: no global backend switch and no display needed on a compute node.
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Patch
-    except ImportError:
-        return None
-    t0 = facts.windows[0].start if facts.windows else 0.0
-    span = max((facts.windows[-1].end - t0) if facts.windows else 0.0, 1.0)
-    unit, scale = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)
-    keys = list(facts.gpus)
-    phases = list(dict.fromkeys(e.phase for e in facts.experiments))
-    colours = {p: colormaps["tab10"](i % 10) for i, p in enumerate(phases)}
-    phase_of = {e.name: e.phase for e in facts.experiments}
-    fig = Figure(figsize=(12, 2.5 + 0.7 * max(len(keys), 1)), layout="constrained")
-    lanes, curve = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [max(len(keys), 1) * 0.7, 2.0]})
-    for row, key in enumerate(keys):
-        y = len(keys) - 1 - row  # the first GPU on top
-        bars = sorted(
-            ((a.started_at, facts.attempt_end(a), a) for a in facts.attempts if key in facts.attempt_keys(a)),
-            key=lambda bar: bar[:2],
-        )
-        sub_ends: list[float] = []  # greedy sub-rows: co-located attempts stack inside the lane
-        placed = []
-        for start, end, a in bars:
-            sub = next((i for i, e in enumerate(sub_ends) if e <= start), len(sub_ends))
-            sub_ends[sub:sub + 1] = [end]
-            placed.append((start, end, a, sub))
-        height = 0.8 / max(len(sub_ends), 1)
-        for start, end, a, sub in placed:
-            hatch = "xx" if a.state == FAILED else "//" if a.state == INTERRUPTED else None
-            lanes.broken_barh(
-                [((start - t0) / scale, max(end - start, span / 2000) / scale)], (y - 0.4 + sub * height, height * 0.92),
-                facecolors=colours.get(phase_of.get(a.experiment, ""), "grey"), edgecolor="black", linewidth=0.4, hatch=hatch,
-            )
-            if (end - start) / span > 0.07 and height >= 0.2:
-                lanes.text(((start + end) / 2 - t0) / scale, y - 0.4 + (sub + 0.46) * height, a.experiment,
-                           ha="center", va="center", fontsize=6, clip_on=True)
-    for before, after in zip(facts.windows, facts.windows[1:]):  # between allocations: nothing could run
-        for ax in (lanes, curve):
-            ax.axvspan((before.end - t0) / scale, (after.start - t0) / scale, color="0.85", zorder=0)
-    lanes.set_yticks(range(len(keys)), [gpu_label(k, facts.single_node) for k in reversed(keys)])
-    lanes.set_ylim(-0.6, len(keys) - 0.4)
-    handles = [Patch(facecolor=colours[p], edgecolor="black", label=p) for p in phases]
-    handles += [Patch(facecolor="white", edgecolor="black", hatch="xx", label="failed"),
-                Patch(facecolor="white", edgecolor="black", hatch="//", label="interrupted")]
-    if len(facts.windows) > 1:
-        handles.append(Patch(facecolor="0.85", label="no allocation"))
-    lanes.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+def timeline_layout(facts: RunFacts, summary: dict[str, Any]) -> timeline.Layout:
+    from . import timeline
+
     overall = summary["overall"]
-    lanes.set_title(
-        f"{summary['run']}: GPUs busy {_pct(overall['busy_fraction'])} of {format_duration(summary['wall_s'])}"
-        f" (target > {TARGET_BUSY_FRACTION:.0%}), mean utilization {_pct_value(overall['mean_util_pct'])}", fontsize=10,
-    )
-    readings: dict[GpuKey, list[tuple[float, float]]] = defaultdict(list)
-    for t, node, index, util, _used, _total in facts.samples:
-        if util is not None:
-            readings[(node, index)].append((t, util))
-    for key in keys:
-        xs, ys = _util_steps(readings[key], facts.windows)
-        if xs:
-            curve.plot([(x - t0) / scale for x in xs], ys, linewidth=0.9, drawstyle="steps-post",
-                       label=gpu_label(key, facts.single_node))
-    curve.axhline(TARGET_BUSY_FRACTION * 100, color="0.4", linestyle="--", linewidth=0.8, label=f"{TARGET_BUSY_FRACTION:.0%} target")
-    curve.set_ylim(0, 105)
-    curve.set_ylabel("utilization %")
-    curve.set_xlabel(f"time since start ({unit})")
-    if facts.samples:
-        curve.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    return buf.getvalue()
+    title = (f"{summary['run']}: GPUs busy {_pct(overall['busy_fraction'])} of {format_duration(summary['wall_s'])}"
+             f" (target > {TARGET_BUSY_FRACTION:.0%}), mean utilization {_pct_value(overall['mean_util_pct'])}")
+    return timeline.layout(facts, title, TARGET_BUSY_FRACTION * 100)
 
 
-def _util_steps(readings: list[tuple[float, float]], windows: list[Window]) -> tuple[list[float], list[float]]:
-    """A GPU's (time, util) readings as steps: a reading holds until the next one or the end of
-    its allocation, and the line breaks (NaN) between allocations instead of bridging the gap."""
-    xs: list[float] = []
-    ys: list[float] = []
-    for w in windows:
-        points = [(t, u) for t, u in readings if w.start <= t <= w.end]
-        if points:
-            xs += [t for t, _ in points] + [w.end, w.end]
-            ys += [u for _, u in points] + [points[-1][1], math.nan]
-    return xs, ys
+def timeline_png(lay: timeline.Layout) -> bytes | None:
+    """timeline.png, or None when matplotlib is not installed (tests replace this)."""
+    from . import timeline
+
+    return timeline.png(lay)
 
 
 def _pct(fraction: float | None) -> str:
@@ -351,11 +280,16 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px} .dim{colo
 table{border-collapse:collapse;font-size:13px} th,td{padding:4px 10px;border-bottom:1px solid #e3e7eb;text-align:left}
 th{background:#f3f5f7} td.n{text-align:right;font-variant-numeric:tabular-nums}
 .s-succeeded{color:#17803d} .s-failed{color:#b42318;font-weight:600} .s-interrupted{color:#b54708}
-.s-running{color:#1f5fbf} .s-pending,.s-skipped{color:#667} img{max-width:100%;border:1px solid #e3e7eb}
+.s-running{color:#1f5fbf} .s-pending,.s-skipped{color:#667} .figure{overflow-x:auto;border:1px solid #e3e7eb}
+details{margin:6px 0} summary{cursor:pointer;font-weight:600} details table{margin:6px 0 12px 18px}
 """
 
 
-def render_html(summary: dict[str, Any], png: bytes | None) -> str:
+GROUP_OPEN_MAX = 200  # a run of up to this many experiments shows every group open
+GROUP_ROWS_MAX = 500  # rows listed per (phase, state) group; the rest are in summary.json
+
+
+def render_html(summary: dict[str, Any], svg: str) -> str:
     e = html.escape
     overall, target = summary["overall"], summary["target"]
     met = "ok" if target["met"] else "bad"
@@ -365,28 +299,12 @@ def render_html(summary: dict[str, Any], png: bytes | None) -> str:
         f"<b>{format_duration(summary['wall_s'])}</b>wall time, {len(summary['windows'])} allocation(s)",
         f"<b>{summary['counts']['succeeded']}/{len(summary['experiments'])}</b>experiments succeeded",
     ]
-    if png is not None:
-        figure = f'<img alt="timeline" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-    else:
-        figure = '<p class="dim">No timeline: matplotlib is not installed (pip install "gpupack[report]").</p>'
     gpu_rows = [
         [e(g["gpu"]), e(g["name"] or ""), (format_bytes(g["total_bytes"]), "n"), (_pct(g["busy_fraction"]), "n"),
          (format_duration(g["busy_s"]), "n"), (_pct_value(g["mean_util_pct"]), "n"), (format_bytes(g["peak_used_bytes"]), "n")]
         for g in summary["gpus"]
     ]
     phase_rows = [[e(p["phase"]), (str(p["total"]), "n")] + [(str(p[s]), "n") for s in STATES] for p in summary["phases"]]
-    exp_rows = []
-    for x in summary["experiments"]:
-        peak = format_bytes(x["peak_bytes"]) + (f" / {format_bytes(x['mem_bytes'])}" if x["mem_bytes"] else "")
-        exit_code = x["attempt_list"][-1]["exit_code"] if x["attempt_list"] else None
-        exp_rows.append(
-            [e(x["name"]), e(x["phase"]), (f'<span class="s-{e(x["state"])}">{e(x["state"])}</span>', ""),
-             (str(x["attempts"]), "n"), e(", ".join(x["gpus"])),
-             (format_duration(x["duration_s"]) if x["attempts"] else "", "n"),
-             (format_duration(x["time_s"]) if x["time_s"] else "", "n"), (peak if x["attempts"] else "", "n"),
-             (_pct_value(x["mean_util_pct"]) if x["attempts"] else "", "n"), ("" if exit_code is None else str(exit_code), "n"),
-             e(x["reason"] or "")]
-        )
     windows = ", ".join(f"{_stamp(w['started_at'])} to {_stamp(w['ended_at'])}" for w in summary["windows"])
     return "\n".join(
         [
@@ -395,15 +313,54 @@ def render_html(summary: dict[str, Any], png: bytes | None) -> str:
             f"<h1>gpupack report: {e(summary['run'])}</h1>",
             f'<div class="dim">{e(summary["manifest"])} &middot; generated {_stamp(summary["generated_at"])} &middot; {e(windows)}</div>',
             '<div class="cards">' + "".join(f'<div class="card">{c}</div>' for c in cards) + "</div>",
-            "<h2>Timeline</h2>", figure,
+            "<h2>Timeline</h2>", f'<div class="figure">{svg}</div>',
             "<h2>GPUs</h2>", _table(["GPU", "model", "memory", "busy", "busy time", "mean util", "peak used"], gpu_rows),
             "<h2>Phases</h2>", _table(["phase", "total", *STATES], phase_rows),
-            "<h2>Experiments</h2>",
-            _table(["experiment", "phase", "state", "attempts", "GPUs", "duration", "estimate", "peak / declared mem",
-                    "mean util", "exit", "reason"], exp_rows),
+            "<h2>Experiments</h2>", *_experiment_groups(summary["experiments"]),
             "</body></html>",
         ]
     )
+
+
+def _experiment_groups(experiments: list[dict[str, Any]]) -> list[str]:
+    """One collapsible table per (phase, state), in manifest order: a 10,000-experiment run reads
+    as a few counted groups (failed ones first in each phase), not one endless table. Small runs
+    show every group open; large ones open only what went wrong or is running, and list at most
+    GROUP_ROWS_MAX rows of a group (summary.json has them all)."""
+    e = html.escape
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for x in experiments:
+        groups.setdefault((x["phase"], x["state"]), []).append(x)
+    first_seen = {phase: i for i, phase in enumerate(dict.fromkeys(x["phase"] for x in experiments))}
+    rank = {state: i for i, state in enumerate(dict.fromkeys((FAILED, INTERRUPTED, RUNNING, *STATES)))}
+    small = len(experiments) <= GROUP_OPEN_MAX
+    out = []
+    for (phase, state), rows in sorted(groups.items(), key=lambda g: (first_seen[g[0][0]], rank[g[0][1]])):
+        is_open = small or (state in (FAILED, INTERRUPTED, RUNNING) and len(rows) <= GROUP_OPEN_MAX)
+        shown = rows[:GROUP_ROWS_MAX]
+        more = f'<p class="dim">{len(rows) - len(shown)} more in summary.json</p>' if len(rows) > len(shown) else ""
+        out.append(
+            f'<details{" open" if is_open else ""}><summary>{e(phase)}: <span class="s-{e(state)}">{e(state)}</span>'
+            f" ({len(rows)})</summary>"
+            + _table(["experiment", "state", "attempts", "GPUs", "duration", "estimate", "peak / declared mem",
+                      "mean util", "exit", "reason"], [_experiment_row(x) for x in shown])
+            + more + "</details>"
+        )
+    return out
+
+
+def _experiment_row(x: dict[str, Any]) -> list[Any]:
+    e = html.escape
+    peak = format_bytes(x["peak_bytes"]) + (f" / {format_bytes(x['mem_bytes'])}" if x["mem_bytes"] else "")
+    exit_code = x["attempt_list"][-1]["exit_code"] if x["attempt_list"] else None
+    return [
+        e(x["name"]), (f'<span class="s-{e(x["state"])}">{e(x["state"])}</span>', ""),
+        (str(x["attempts"]), "n"), e(", ".join(x["gpus"])),
+        (format_duration(x["duration_s"]) if x["attempts"] else "", "n"),
+        (format_duration(x["time_s"]) if x["time_s"] else "", "n"), (peak if x["attempts"] else "", "n"),
+        (_pct_value(x["mean_util_pct"]) if x["attempts"] else "", "n"), ("" if exit_code is None else str(exit_code), "n"),
+        e(x["reason"] or ""),
+    ]
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -416,6 +373,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
+    import tempfile
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -426,24 +385,34 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def write_report(run_dir: Path) -> dict[str, Path]:
-    """Writes report/summary.json, report/timeline.png (only with matplotlib) and report/report.html;
-    returns {"summary": path, "timeline": path, "html": path} for the files written."""
+def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, store: Store | None = None) -> dict[str, Path]:
+    """Writes summary.json, report.html (its timeline inline SVG) and, with png and matplotlib
+    installed, timeline.png into out_dir (default <run>/report; another place for a read-only run
+    directory); returns {"summary", "html", "timeline"} paths of the files written. Without png
+    (the end of `gpupack run`: matplotlib's import alone costs half a second) an older
+    timeline.png is removed rather than left beside a newer report. `store`: the run's database
+    as reader.open_database gives it (opened here when not given)."""
     run_dir = Path(run_dir)
-    store = Store(run_dir / "state.db", readonly=True)
-    try:
-        facts = load_facts(store)
-    finally:
-        store.close()
+    if store is None:
+        from .reader import open_database
+
+        with closing(open_database(run_dir)) as own:
+            return write_report(run_dir, png, out_dir, own)
+    facts = load_facts(store)
     summary = summarize(facts)
-    png = timeline_png(facts, summary)
-    out = run_dir / "report"
-    out.mkdir(exist_ok=True)
+    lay = timeline_layout(facts, summary)
+    image = timeline_png(lay) if png else None
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
-    summary["timeline_png"] = "timeline.png" if png is not None else None
-    _write_atomic(written["summary"], (json.dumps(summary, indent=2) + "\n").encode())
-    if png is not None:
+    summary["timeline_png"] = "timeline.png" if image is not None else None
+    _write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
+    if image is not None:
         written["timeline"] = out / "timeline.png"
-        _write_atomic(written["timeline"], png)
-    _write_atomic(written["html"], render_html(summary, png).encode())
+        _write_atomic(written["timeline"], image)
+    else:
+        (out / "timeline.png").unlink(missing_ok=True)
+    from . import timeline
+
+    _write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
     return written

@@ -14,6 +14,8 @@ degrees of freedom. A results.json usually echoes the config it ran under "confi
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import csv
 import io
 import json
@@ -88,15 +90,17 @@ class ResultsTable:
     rows: tuple[Row, ...]
 
 
-def collect(run_dir: Path, problems: list[str] | None = None) -> list[dict[str, Any]]:
+def collect(run_dir: Path, problems: list[str] | None = None, store: Store | None = None) -> list[dict[str, Any]]:
     """One dict per succeeded experiment with a results.json: name, template, phase, params,
-    results. An unreadable results.json is skipped, with a line appended to `problems`."""
+    results. An unreadable results.json is skipped, with a line appended to `problems`. `store`:
+    the run's database as reader.open_database gives it (opened here when not given)."""
     run_dir = Path(run_dir)
-    store = Store(run_dir / "state.db", readonly=True)
-    try:
-        experiments = [e for e in store.experiments() if e.in_manifest and e.state == SUCCEEDED]
-    finally:
-        store.close()
+    if store is None:
+        from .reader import open_database
+
+        with closing(open_database(run_dir)) as own:
+            return collect(run_dir, problems, own)
+    experiments = [e for e in store.experiments() if e.in_manifest and e.state == SUCCEEDED]
     rows = []
     for e in experiments:
         path = run_dir / "exp" / e.name / "results.json"

@@ -5,6 +5,10 @@ default-action death; SIGCHLD and every stop signal wake the loop through a self
 (signal.set_wakeup_fd), so a finished experiment is reaped at once instead of at the next poll.
 Signals that arrive while gpupack is still starting (imports, manifest, NVML) are remembered by
 `catch_stop_signals()` and honoured once the engine installs its own handlers.
+
+The preempt signal that experiments get has one source of truth, `preempt_signal()`: USR2
+unless GPUPACK_PREEMPT_SIGNAL (in the scheduler's environment or the manifest's `env`) says
+otherwise; the engine sends what `gpupack.job` in the experiment listens for.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import select
 import signal
 from types import FrameType
+from collections.abc import Mapping
 from typing import Any
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -23,6 +28,29 @@ _REASONS: dict[int, str] = {
     signal.SIGHUP: "hung up (HUP)",
 }
 _received_early: list[int] = []
+
+# USR2 by default, like submitit: NCCL installs its own handler on USR1.
+DEFAULT_PREEMPT_SIGNAL = signal.SIGUSR2
+PREEMPT_SIGNAL_VAR = "GPUPACK_PREEMPT_SIGNAL"
+
+
+def parse_signal(raw: str) -> signal.Signals:
+    """'USR2', 'SIGUSR2' or '12' -> SIGUSR2; ValueError in one line naming the variable."""
+    try:
+        if raw.isdigit():
+            return signal.Signals(int(raw))
+        name = raw.upper()
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise ValueError(
+            f"{PREEMPT_SIGNAL_VAR}: unknown signal {raw!r} (expected a name like USR2 or a number)"
+        ) from None
+
+
+def preempt_signal(env: Mapping[str, str]) -> signal.Signals:
+    """The preempt signal an experiment with this environment gets (and listens for)."""
+    raw = env.get(PREEMPT_SIGNAL_VAR, "").strip()
+    return parse_signal(raw) if raw else DEFAULT_PREEMPT_SIGNAL
 
 
 def _remember(signum: int, frame: FrameType | None) -> None:

@@ -38,10 +38,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from . import policy
 from .engine import request_for
@@ -50,8 +47,15 @@ from .manifest import Experiment, Manifest
 from .policy import GpuKey, Occupant, State
 from .units import format_bytes, format_duration
 
+if TYPE_CHECKING:  # rich is imported by render_plan alone: `plan --json` does not draw
+    from rich.console import Console
+
 DEFAULT_TIME_S = 1800.0  # an experiment without a time estimate, in the simulation only
 _EPS = 1e-6
+# Every event calls place() over every experiment not yet ended, so a plan costs about the
+# square of its size: 10,000 experiments take 8 s on a 2-core machine, 100,000 would take
+# some fifteen minutes. Above this `plan` refuses in one line instead (benchmarks/README.md).
+MAX_EXPERIMENTS = 10_000
 _ENERGY_CUTS = 32
 
 
@@ -346,6 +350,8 @@ def lanes(data: Mapping[str, Any], width: int = 72) -> list[str]:
 
 
 def render_plan(data: Mapping[str, Any], console: Console) -> None:
+    from rich.table import Table
+
     def say(text: str) -> None:
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 

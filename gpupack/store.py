@@ -19,28 +19,36 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from urllib.parse import quote
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-SCHEMA_VERSION = 1
+# The version of the tables below, kept in meta 'schema'. A writer migrates an older run
+# directory (_MIGRATIONS[v] takes version v to v + 1) and refuses a newer one; so does a reader
+# (it reads older versions as they are: it never asks for the newer columns).
+SCHEMA_VERSION = 2
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: ("ALTER TABLE attempts ADD COLUMN leader_start INTEGER",),
+}
 
-# Experiment states (DESIGN.md `status --json`).
-PENDING = "pending"
-RUNNING = "running"
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-INTERRUPTED = "interrupted"
-SKIPPED = "skipped"
-STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, INTERRUPTED, SKIPPED)
-
-# Attempt states: an attempt row exists from the moment before its process is spawned.
-A_LAUNCHING = "launching"
-A_RUNNING = "running"
-A_SUCCEEDED = "succeeded"
-A_FAILED = "failed"
-A_INTERRUPTED = "interrupted"
+# The states live in states.py; re-exported here for the store's many readers.
+from .states import (  # noqa: E402
+    A_FAILED as A_FAILED,
+    A_INTERRUPTED as A_INTERRUPTED,
+    A_LAUNCHING as A_LAUNCHING,
+    A_RUNNING as A_RUNNING,
+    A_SUCCEEDED as A_SUCCEEDED,
+    FAILED as FAILED,
+    INTERRUPTED as INTERRUPTED,
+    PENDING as PENDING,
+    RUNNING as RUNNING,
+    SKIPPED as SKIPPED,
+    STATES as STATES,
+    SUCCEEDED as SUCCEEDED,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -68,6 +76,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     node TEXT NOT NULL DEFAULT '',
     gpus TEXT NOT NULL DEFAULT '',
     pgid INTEGER,
+    leader_start INTEGER,
     log_path TEXT NOT NULL,
     budget_bytes INTEGER,
     peak_bytes INTEGER,
@@ -192,15 +201,20 @@ def _gpus_tuple(text: str) -> tuple[int, ...]:
 class Store:
     """Access to state.db. Writers use `Store(path)`; readers `Store(path, readonly=True)`."""
 
-    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 60.0):
+    def __init__(self, path: Path, readonly: bool = False, timeout_s: float = 60.0, immutable: bool = False):
+        """immutable (read-only only): SQLite reads the file as it is, takes no lock and creates
+        no -wal/-shm file, so a read-only directory is enough; only for a file that nobody writes
+        and that has no -wal to apply (reader.py decides)."""
         self.path = Path(path)
         self.readonly = readonly
+        self._batched = False
         try:
             if readonly:
                 if not self.path.exists():
                     raise StoreError(f"{self.path}: no such state database")
-                uri = f"file:{self.path}?mode=ro"
+                uri = f"file:{quote(str(self.path))}?" + ("immutable=1" if immutable else "mode=ro")
                 self._db = sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
+                self._schema_version()
             else:
                 self._db = sqlite3.connect(str(self.path), timeout=timeout_s, isolation_level=None)
                 self._db.execute("PRAGMA journal_mode=WAL")
@@ -208,6 +222,7 @@ class Store:
                 # power loss of the node could lose the last ones, and recovery handles that
                 # like a scheduler death. FULL would cost an fsync per state change.
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         self._db.execute(statement)
@@ -216,7 +231,31 @@ class Store:
                 )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
-        self._batched = False
+
+    def _schema_version(self) -> int | None:
+        """The run directory's schema version (None: a new, empty database); StoreError, in one
+        line, for one this gpupack cannot read."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        version = int(row[0]) if row and str(row[0]).isdigit() else None
+        if version is None or version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: written by another gpupack (schema {row[0] if row else 'unknown'}; this one knows"
+                f" 1 to {SCHEMA_VERSION}): run it with that version, or upgrade gpupack"
+            )
+        return version
+
+    def _migrate(self) -> None:
+        """Bring an older run directory's tables to SCHEMA_VERSION, in one transaction."""
+        version = self._schema_version()
+        if version is None or version == SCHEMA_VERSION:
+            return
+        with self.transaction() as db:
+            for v in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[v]:
+                    db.execute(statement)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self._db.close()
@@ -289,11 +328,17 @@ class Store:
 
     # --- experiments --------------------------------------------------------------------
 
-    def experiments(self) -> list[ExperimentRow]:
-        cur = self._db.execute(
-            "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest"
-            " FROM experiments ORDER BY in_manifest DESC, ord"
+    def experiments(self, states: Sequence[str] | None = None, params: bool = True) -> list[ExperimentRow]:
+        """All experiments, or those in `states`; params=False leaves params empty (views that
+        never show them skip a JSON parse per row: 40 ms over 10,000)."""
+        query = (
+            "SELECT name, phase, template, ord, fingerprint, state, reason, spec, params, in_manifest FROM experiments"
         )
+        args: list[object] = []
+        if states is not None:
+            query += f" WHERE state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        cur = self._db.execute(query + " ORDER BY in_manifest DESC, ord", args)
         # Grid siblings share one spec text: parse it once (rows are read-only, sharing is safe).
         specs: dict[str, Mapping[str, object]] = {}
         rows = []
@@ -301,8 +346,55 @@ class Store:
             spec = specs.get(r[7])
             if spec is None:
                 spec = specs[r[7]] = json.loads(r[7])
-            rows.append(ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]), bool(r[9])))
+            rows.append(
+                ExperimentRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], spec, json.loads(r[8]) if params else {}, bool(r[9]))
+            )
         return rows
+
+    def phase_state_counts(self) -> list[tuple[str, str, int]]:
+        """(phase, state, count) over the manifest's experiments, phases in manifest order."""
+        return list(
+            self._db.execute(
+                "SELECT e.phase, e.state, count(*) FROM experiments e JOIN (SELECT phase, min(ord) AS first"
+                " FROM experiments WHERE in_manifest = 1 GROUP BY phase) p ON p.phase = e.phase"
+                " WHERE e.in_manifest = 1 GROUP BY e.phase, e.state ORDER BY p.first, e.state"
+            )
+        )
+
+    def templates(self) -> dict[str, str]:
+        """name -> template of every experiment: whose grid siblings finished attempts belong to."""
+        return dict(self._db.execute("SELECT name, template FROM experiments"))
+
+    def status_rows(self) -> list[tuple[Any, ...]]:
+        """The manifest's experiments in order, each with its latest attempt, built by SQLite:
+        (name, phase, state, reason, attempts, gpus, node, started_at, ended_at, exit_code), the
+        attempt's columns None (and attempts 0) for one that never ran."""
+        rows = self._db.execute(
+            "SELECT e.name, e.phase, e.state, e.reason, coalesce(c.n, 0), a.gpus, a.node, a.started_at, a.ended_at,"
+            " a.exit_code FROM experiments e"
+            " LEFT JOIN (SELECT experiment, count(*) AS n, max(id) AS last FROM attempts GROUP BY experiment) c"
+            " ON c.experiment = e.name LEFT JOIN attempts a ON a.id = c.last"
+            " WHERE e.in_manifest = 1 ORDER BY e.ord"
+        ).fetchall()
+        gpus: dict[str | None, tuple[int, ...] | None] = {None: None}  # a few distinct values over thousands of rows
+        out = []
+        for r in rows:
+            g = gpus.get(r[5])
+            if g is None and r[5] is not None:
+                g = gpus[r[5]] = _gpus_tuple(r[5])
+            out.append((*r[:5], g, *r[6:]))
+        return out
+
+    def change_mark(self) -> str:
+        """What a report shows, in a few aggregates: equal marks, an equal report (windows aside).
+        Two aggregate queries, so a rerun of 10,000 finished experiments can tell cheaply."""
+        attempts = self._db.execute(
+            "SELECT count(*), coalesce(max(id), 0), count(ended_at), total(peak_bytes), total(mean_util) FROM attempts"
+        ).fetchone()
+        states = self._db.execute(
+            "SELECT state, count(*), total(ord) FROM experiments WHERE in_manifest = 1 GROUP BY state ORDER BY state"
+        ).fetchall()
+        return repr((tuple(attempts), [tuple(r) for r in states]))
 
     def experiment_states(self) -> dict[str, str]:
         """name -> state of the experiments in the manifest, in manifest order (no JSON to parse)."""
@@ -409,10 +501,24 @@ class Store:
             db.execute("UPDATE experiments SET state = ?, reason = NULL WHERE name = ?", (RUNNING, name))
             return int(cur.lastrowid or 0)
 
-    def attempt_launched(self, attempt_id: int, pgid: int, event: Event | None = None) -> None:
+    def attempt_launched(
+        self, attempt_id: int, pgid: int, event: Event | None = None, leader_start: int | None = None
+    ) -> None:
+        """The attempt's process group, with its leader's start time (procs.start_time): a pgid
+        alone names another group once this one is gone and the number is reused."""
         with self.transaction() as db:
-            db.execute("UPDATE attempts SET state = ?, pgid = ? WHERE id = ?", (A_RUNNING, pgid, attempt_id))
+            db.execute(
+                "UPDATE attempts SET state = ?, pgid = ?, leader_start = ? WHERE id = ?",
+                (A_RUNNING, pgid, leader_start, attempt_id),
+            )
             _insert_event(db, event)
+
+    def leader_starts(self, attempt_ids: Sequence[int]) -> dict[int, int | None]:
+        """attempt id -> its group leader's recorded start time (writers only: schema 2)."""
+        if not attempt_ids:
+            return {}
+        marks = ",".join("?" * len(attempt_ids))
+        return dict(self._db.execute(f"SELECT id, leader_start FROM attempts WHERE id IN ({marks})", list(attempt_ids)))
 
     def end_attempt(
         self,
@@ -483,15 +589,25 @@ class Store:
             )
         return rows
 
-    def succeeded_attempts(self) -> list[tuple[str, float, float | None, int | None]]:
-        """(experiment, started_at, ended_at, peak_bytes) of every succeeded attempt, oldest first:
-        what estimates learn from, without building full rows for a large run's history."""
-        return list(
-            self._db.execute(
-                "SELECT experiment, started_at, ended_at, peak_bytes FROM attempts WHERE state = ? ORDER BY id",
-                (A_SUCCEEDED,),
-            )
-        )
+    def succeeded_runs(self) -> list[tuple[str, float, int | None]]:
+        """(experiment, duration_s, peak_bytes) of every succeeded attempt, oldest first, what
+        estimates learn from: its duration is its own wall time plus that of the interrupted
+        attempts it resumed (a 5-minute tail of a preempted 4-hour run took 4 hours 5 minutes)."""
+        out: list[tuple[str, float, int | None]] = []
+        chain: dict[str, float] = {}  # experiment -> time of the interrupted attempts since its last end
+        for name, state, started_at, ended_at, peak in self._db.execute(
+            "SELECT experiment, state, started_at, ended_at, peak_bytes FROM attempts"
+            " WHERE state IN (?, ?, ?) ORDER BY id",
+            (A_SUCCEEDED, A_INTERRUPTED, A_FAILED),
+        ):
+            took = max(0.0, ended_at - started_at) if ended_at is not None else 0.0
+            if state == A_INTERRUPTED:
+                chain[name] = chain.get(name, 0.0) + took
+            elif state == A_SUCCEEDED:
+                out.append((name, chain.pop(name, 0.0) + took, peak))
+            else:
+                chain.pop(name, None)  # the next attempt starts afresh (GPUPACK_RESUME unset)
+        return out
 
     # --- events and samples -------------------------------------------------------------
 

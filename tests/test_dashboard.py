@@ -122,13 +122,14 @@ def test_live_dashboard_draws_in_place(run_dir: Path) -> None:
 
 def test_status_table(run_dir: Path) -> None:
     data = status_data(Store(run_dir / "state.db", readonly=True), "demo")
-    console = Console(record=True, width=140)
-    console.print(dashboard.status_table(data, now=NOW))
-    text = console.export_text()
+    text = dashboard.status_table(data, now=NOW)
     assert re.search(r"bridge-trec-s2 +seeds +succeeded +2 +gpu0 .* 9m10s +0", text)
     assert re.search(r"probe-l1 +probes +running +1 +gpu1 .* 3m20s", text)
     assert re.search(r"lat-b8 .* failed .* 1 +exit code 1", text)
     assert "succeeded 5 failed 1 running 1 pending 2" in text
+    assert "\x1b[" not in text  # no console, no colours
+    coloured = dashboard.status_table(data, now=NOW, console=Console(force_terminal=True, color_system="standard"))
+    assert "\x1b[1;31mfailed\x1b[0m" in coloured and re.sub(r"\x1b\[[0-9;]*m", "", coloured) == text
 
 
 def test_watch_returns_when_the_run_has_ended(run_dir: Path) -> None:

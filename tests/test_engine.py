@@ -418,3 +418,55 @@ def test_failures_are_retried_by_a_new_run_but_not_by_a_requeued_job(write_manif
     done = run(m)  # a new run: tried again, and this time it succeeds
     assert done.returncode == 0, done.stdout + done.stderr
     assert by_name(run_dir)["bad"]["attempts"] == 2
+
+
+def test_report_is_rewritten_only_when_the_run_changed_something(write_manifest, tmp_path):
+    text = """
+        name: rep
+        phases:
+          - name: p
+            experiments:
+              - name: "e{i}"
+                cmd: "true"
+                grid: {i: [1, 2]}
+                mem: 1GB
+        """
+    m = write_manifest(text)
+    html = tmp_path / "runs" / "rep" / "report" / "report.html"
+    first = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert first.returncode == 0 and f"report: {html}\n" in first.stdout, first.stdout + first.stderr
+    assert not html.with_name("timeline.png").exists()  # `gpupack report` draws the PNG, not `run`
+    written = html.stat().st_ino  # each write is a new file renamed into place
+    again = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert again.returncode == 0 and "(nothing changed)" in again.stdout, again.stdout
+    assert html.stat().st_ino == written
+    write_manifest(text.replace("[1, 2]", "[1, 2, 3]"))
+    grown = gpupack("run", str(m), "--poll", "1", env=ENV)
+    assert grown.returncode == 0 and "(nothing changed)" not in grown.stdout, grown.stdout
+    assert html.stat().st_ino != written and "e3" in html.read_text()
+
+
+def test_what_only_waits_for_time_stops_the_run_and_requeues(tmp_path):
+    """The decision rests on the policy's reason kind (Wait.TIME_LEFT), not on its wording."""
+    from gpupack.engine import EXIT_STOPPED, Engine, Hooks, RunOptions
+    from gpupack.gpus import SimulatedProbe, parse_gpu_spec
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    manifest = load_text(
+        "name: t\nphases: [{name: p, experiments: [{name: long, cmd: 'true', mem: 1GB, time: 2h}]}]\n",
+        tmp_path / "m.yaml",
+    )
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    requeued: list[bool] = []
+    hooks = Hooks(time_left=lambda now: 600.0, requeue=lambda: requeued.append(True) or "requeued")
+    inventory = parse_gpu_spec("1x80GB", "n0")
+    engine = Engine(manifest, store, SimulatedProbe(inventory), LocalLauncher(), inventory, RunOptions(poll_s=0.05), hooks)
+    engine.prepare()
+    assert engine.run() == EXIT_STOPPED
+    engine.close(EXIT_STOPPED)
+    assert requeued == [True]
+    assert store.experiment_states() == {"long": "pending"}
+    store.close()

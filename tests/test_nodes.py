@@ -5,10 +5,11 @@ really meet through torch.distributed; one-node experiments pack on both nodes."
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
-from conftest import ROOT, RECORD, by_name, gpupack, gpupack_env, max_overlap, seen
+from conftest import ROOT, RECORD, by_name, gpupack, gpupack_env, max_overlap, seen, start_gpupack, wait_for
 
 ENV = gpupack_env(GPUPACK_GPUS="2x4x80GB")
 
@@ -106,3 +107,37 @@ def test_dashboard_groups_gpu_rows_by_node_and_status_shows_the_nodes(write_mani
     table = gpupack("status", str(run_dir), env=gpupack_env(COLUMNS="120"))
     line = next(x for x in table.stdout.splitlines() if x.strip().startswith("pair"))
     assert line.split()[4:6] == ["n1,n2", "gpu0,gpu1"]
+
+
+def test_preempting_a_multi_node_experiment_signals_every_rank_and_it_resumes(write_manifest, tmp_path):
+    # The preempt signal goes to the command (ranks.py here), which passes it on to both ranks;
+    # they record it, the attempt is interrupted, and the next run resumes it (GPUPACK_RESUME=1).
+    ledger = tmp_path / "ledger"
+    m = write_manifest(f"""
+        name: preempt
+        phases:
+          - name: p
+            experiments:
+              - name: pair
+                cmd: bash {ROOT}/tests/bin/ledger.sh {ledger} pair-$RANK 30
+                nodes: 2
+                resumable: true
+        """)
+    proc = start_gpupack("run", str(m), "--poll", "1", "--no-report", env=ENV)
+    try:
+        wait_for(lambda: ledger.exists() and ledger.read_text().count("start ") == 2, what="both ranks started")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, out
+    lines = sorted(line.split()[:4] for line in ledger.read_text().splitlines())
+    assert lines == [["preempted", f"pair-{r}", "1", "resume=0"] for r in (0, 1)] + [
+        ["start", f"pair-{r}", "1", "resume=0"] for r in (0, 1)
+    ]
+    assert by_name(tmp_path / "runs" / "preempt")["pair"]["state"] == "interrupted"
+    m.write_text(m.read_text().replace(" 30\n", " 0.1\n"))
+    done = gpupack("run", str(m), "--poll", "1", "--no-report", env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ends = sorted(line.split()[:4] for line in ledger.read_text().splitlines() if line.startswith("end"))
+    assert ends == [["end", f"pair-{r}", "2", "resume=1"] for r in (0, 1)]

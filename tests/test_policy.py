@@ -159,6 +159,7 @@ def test_barrier_false_lets_a_later_phase_use_idle_gpus() -> None:
         d = decide(reqs, [gpu(0), gpu(1)], [occ("seed", 0, budget=80)])
         assert placed(d) == expect
     assert d.waiting["probe"] == "behind the barrier of phase probes: 1 earlier experiment not ended"
+    assert d.why == {"probe": policy.Wait.BARRIER}  # the kind, beside the text, is what callers act on
 
 
 def test_barrier_opens_when_earlier_phases_ended_even_by_failure_and_holds_later_phases() -> None:
@@ -179,10 +180,12 @@ def test_dependencies_wait_then_start_and_name_the_failure() -> None:
     reqs = [req("train-s1", 0), req("train-s2", 1), req("eval", 2, depends_on=("train-s1", "train-s2"))]
     running = decide(reqs, [gpu(0)], [occ("train-s1", 0)], states={"train-s2": State.PENDING})
     assert running.waiting["eval"] == "waiting for dependency train-s1 and 1 more"
+    assert running.why["eval"] is policy.Wait.DEPENDENCY
     done = {"train-s1": State.SUCCEEDED, "train-s2": State.SUCCEEDED}
     assert placed(decide(reqs, [gpu(0)], states=done)) == {"eval": ("n0", (0,))}
     failed = decide(reqs, [gpu(0)], states={"train-s1": State.SUCCEEDED, "train-s2": State.FAILED})
     assert failed.waiting["eval"] == "dependency train-s2 failed"
+    assert failed.why["eval"] is policy.Wait.DEPENDENCY_FAILED
 
 
 def test_doomed_follows_failures_and_skips_transitively() -> None:
@@ -349,6 +352,7 @@ def test_reservation_lets_only_jobs_that_end_before_it_backfill() -> None:
     assert (d.reservation.start_s, d.reservation.gpus) == (1000, (("n0", 0), ("n0", 1)))
     assert d.waiting["long"] == "reserved for head (starts in 17m)"
     assert d.waiting["head"].endswith("; first in line, holds gpu0, gpu1 (free in 17m)")
+    assert d.why == {"long": policy.Wait.RESERVED, "unknown": policy.Wait.RESERVED, "head": policy.Wait.RESOURCES}
     # Without the head, the long one would have started: the reservation is what stops it.
     assert "long" in placed(decide(reqs[1:], gpus, occupants))
 
@@ -544,6 +548,7 @@ def test_time_left_refuses_what_cannot_finish_unless_resumable() -> None:
     d = decide(reqs, [gpu(0)], time_left_s=H + 600)
     assert set(placed(d)) == {"ckpt", "unknown"}
     assert d.waiting == {"long": "needs 2h, 1h10m left in the allocation"}
+    assert d.why == {"long": policy.Wait.TIME_LEFT}
     assert decide(reqs[:1], [gpu(0)], time_left_s=2 * H).placements  # exactly enough: starts
 
 

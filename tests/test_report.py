@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gpupack import report
+from gpupack import report, timeline
 from gpupack.store import (
     A_FAILED, A_SUCCEEDED, FAILED, PENDING, SUCCEEDED, ExperimentRow, Store,
 )
@@ -170,7 +170,7 @@ def test_later_run_on_other_gpus_counts_only_its_own_time(run_dir: Path) -> None
 
 def test_utilization_steps_hold_to_the_allocation_end_and_break_between_allocations() -> None:
     windows = [report.Window(0, 100, None), report.Window(500, 600, None)]
-    xs, ys = report._util_steps([(0, 10.0), (50, 90.0), (510, 40.0)], windows)
+    xs, ys = timeline.util_steps([(0, 10.0), (50, 90.0), (510, 40.0)], windows)
     assert xs == [0, 50, 100, 100, 510, 600, 600]
     assert ys[:3] == [10.0, 90.0, 90.0] and math.isnan(ys[3]) and ys[4:6] == [40.0, 40.0] and math.isnan(ys[6])
 
@@ -182,18 +182,59 @@ def test_report_files_parse_and_html_is_self_contained(run_dir: Path) -> None:
     png = paths["timeline"].read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
     page = paths["html"].read_text()
-    assert "data:image/png;base64," in page
+    assert "<svg" in page and "</svg>" in page
     assert "src=\"http" not in page and "href=\"http" not in page  # opens offline
     assert "bridge-trec-s2" in page and "92%" in page  # overall busy fraction 2750/3000
+    assert "seeds: <span class=\"s-succeeded\">succeeded</span> (5)" in page  # experiments grouped, counted
     assert not [p for p in paths["html"].parent.iterdir() if p.name.startswith(".")]  # no temp file left
+    assert json.loads(paths["summary"].read_text())["experiments"][0]["name"] == "bridge-sst2-s1"
 
 
-def test_without_matplotlib_the_report_says_so(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report, "timeline_png", lambda facts, summary: None)
-    paths = report.write_report(run_dir)
+def test_without_png_the_report_has_its_svg_timeline_and_no_stale_png(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of `gpupack run` writes no PNG (no matplotlib import); an older one is removed."""
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "timeline.png").write_bytes(b"old")
+    monkeypatch.setattr(report, "timeline_png", lambda lay: pytest.fail("drew a PNG"))
+    paths = report.write_report(run_dir, png=False)
     assert "timeline" not in paths and not (run_dir / "report" / "timeline.png").exists()
-    assert "matplotlib is not installed" in paths["html"].read_text()
+    assert "<svg" in paths["html"].read_text()
     assert json.loads(paths["summary"].read_text())["timeline_png"] is None
+
+
+def test_timeline_draws_one_path_per_phase_and_state_not_per_attempt(run_dir: Path) -> None:
+    store = Store(run_dir / "state.db", readonly=True)
+    try:
+        facts = report.load_facts(store)
+    finally:
+        store.close()
+    lay = timeline.layout(facts, "t", 80)
+    assert len(lay.bars) == 8  # every attempt is a bar
+    # (seeds, -), (seeds, failed), (probes, -), (latency, failed): four groups, one path each, plus
+    # one hatch overlay per failed group; 8 attempts or 8,000 draw the same number of paths.
+    assert set(lay.groups()) == {(0, None), (0, "failed"), (1, None), (2, "failed")}
+    svg = timeline.svg(lay)
+    assert svg.count('z" fill="') == 4 + 2  # bar paths end their last rectangle with z
+    # gpu0 has two co-located attempts at 0-600 s: two sub-rows, each half the lane
+    gpu0 = sorted((b.y, b.height) for b in lay.bars if b.name.startswith("bridge-sst2-s") and b.y < 1)
+    assert gpu0 == [(pytest.approx(0.1), pytest.approx(0.4)), (pytest.approx(0.5), pytest.approx(0.4))]
+
+
+def test_sub_rows_reuse_the_lowest_free_row() -> None:
+    rows, count = timeline._sub_rows([(0, 10, "a"), (0, 5, "b"), (5, 8, "c"), (9, 12, "d"), (10, 11, "e")])
+    assert (rows, count) == ([0, 1, 1, 1, 0], 2)
+
+
+def test_html_of_a_large_run_groups_and_pages_experiments() -> None:
+    def exp(i: int, state: str) -> dict[str, Any]:
+        return {"name": f"t{i}", "phase": "p", "state": state, "reason": None, "attempts": 1, "gpus": ["gpu0"],
+                "duration_s": 1.0, "time_s": 1.0, "mem_bytes": GB, "peak_bytes": None, "mean_util_pct": None,
+                "attempt_list": [{"exit_code": 0 if state == "succeeded" else 1}]}
+
+    groups = report._experiment_groups([exp(i, "succeeded") for i in range(10_000)] + [exp(10_000 + i, "failed") for i in range(3)])
+    assert len(groups) == 2
+    assert groups[0].startswith("<details open><summary>p: <span class=\"s-failed\">failed</span> (3)")  # what went wrong first
+    assert groups[1].startswith("<details><summary>p: <span class=\"s-succeeded\">succeeded</span> (10000)")
+    assert groups[1].count("<tr>") == 1 + report.GROUP_ROWS_MAX and "9500 more in summary.json" in groups[1]
 
 
 def _chromium() -> str | None:

@@ -273,3 +273,17 @@ def test_plan_cli_refuses_more_nodes_than_the_gpus_have(tmp_path):
     done = gpupack("plan", str(path), "--gpus", "2x4x80GB", env=gpupack_env())
     assert done.returncode == 2
     assert done.stderr.strip() == f"gpupack: error: {path}: ddp: nodes: needs 3 whole nodes of 4 GPUs; the allocation has 2"
+
+
+def test_plan_refuses_a_grid_larger_than_it_simulates_in_one_line(tmp_path, capsys) -> None:
+    from gpupack import cli, simulate
+
+    n = simulate.MAX_EXPERIMENTS + 1
+    manifest = tmp_path / "huge.yaml"
+    manifest.write_text(f"name: huge\nphases:\n  - name: p\n    experiments:\n      - name: \"t{{i}}\"\n"
+                        f"        cmd: \"true\"\n        mem: 1GB\n        grid: {{i: {list(range(n))}}}\n")
+    assert cli.main(["plan", str(manifest)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"gpupack: error: {manifest}: {n} experiments, more than the {n - 1} `gpupack plan` simulates "
+                   "(its cost grows with the square of their number); plan a smaller grid of the same shapes: "
+                   "`gpupack run` has no such limit"]

@@ -270,3 +270,36 @@ def test_real_time_limit_signal_requeues_before_the_limit(jobs: Jobs, tmp_path: 
     wait_for_file(run_dir / "exp" / "long" / "started-2", 120)
     assert_resumed_after_requeue(jobs, job, run_dir, log)
     assert "allocation ending (USR1)" in log.read_text()
+
+
+TRAINERS = """\
+name: trainers
+defaults: {{gpus: 1, mem: 10GB, cpus: 1, resumable: true}}
+phases:
+  - name: main
+    experiments:
+      - name: trainer
+        cmd: "{python} {root}/tests/bin/trainer.py 3000"
+"""
+
+
+def test_preempted_trainer_in_a_step_checkpoints_with_its_workers_alive(jobs: Jobs, tmp_path: Path) -> None:
+    """The step's own processes: only the trainer gets the preempt signal, even where Slurm's
+    proctrack plugin (linuxproc here) would signal every process of the step."""
+    import sys
+
+    from slurm_support import ROOT
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(TRAINERS.format(python=sys.executable, root=ROOT))
+    job = submit_gpupack(jobs, tmp_path, manifest, "--grace", "20")
+    run_dir, log = tmp_path / "runs" / "trainers", tmp_path / f"gpupack-{job}.out"
+    wait_for_file(run_dir / "exp" / "trainer" / "started-1", 60)
+    subprocess.run(["scancel", "-b", "-s", "USR1", job], env=jobs.env, check=True)
+    info = wait_job_done(jobs, job, log, 120)
+    assert info["Restarts"] == "1"
+    ckpt = json.loads((run_dir / "exp" / "trainer" / "checkpoint.json").read_text())
+    assert ckpt["workers_alive"] == 4 and ckpt["step"] > 0, log.read_text()
+    results = json.loads((run_dir / "exp" / "trainer" / "results.json").read_text())
+    assert results == {"steps": 3000, "resumed_from": ckpt["step"]}
+    assert gpupack_status(jobs.env, run_dir)["trainer"]["attempts"] == 2

@@ -61,3 +61,74 @@ def test_resync_marks_changed_commands_and_keeps_dropped_experiments(store: Stor
     assert list(store.experiment_states()) == ["t0", "t1", "t2"]
     store.sync_experiments([row(f"t{i}", i) for i in range(5)])  # back in the manifest
     assert store.experiments()[4].in_manifest
+
+
+def test_an_older_schema_is_migrated_and_a_newer_one_refused_in_one_line(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gpupack.store import SCHEMA_VERSION, StoreError
+
+    # A run directory of schema 1: attempts without leader_start.
+    old = tmp_path / "old.db"
+    db = sqlite3.connect(old)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('schema', '1');
+        CREATE TABLE attempts (id INTEGER PRIMARY KEY AUTOINCREMENT, experiment TEXT NOT NULL,
+            number INTEGER NOT NULL, run_id INTEGER, state TEXT NOT NULL, started_at REAL NOT NULL,
+            ended_at REAL, exit_code INTEGER, node TEXT NOT NULL DEFAULT '', gpus TEXT NOT NULL DEFAULT '',
+            pgid INTEGER, log_path TEXT NOT NULL, budget_bytes INTEGER, peak_bytes INTEGER, mean_util REAL,
+            oom INTEGER NOT NULL DEFAULT 0, note TEXT, UNIQUE (experiment, number));
+        INSERT INTO attempts (experiment, number, state, started_at, pgid, log_path) VALUES ('a', 1, 'running', 1.0, 4242, 'x.log');
+    """)
+    db.commit()
+    db.close()
+    assert Store(old, readonly=True).attempts()[0].pgid == 4242  # a reader reads it as it is
+    store = Store(old)
+    assert store.meta()["schema"] == str(SCHEMA_VERSION)
+    assert store.leader_starts([1]) == {1: None}
+    store.attempt_launched(1, 4243, leader_start=99)
+    assert store.leader_starts([1]) == {1: 99}
+    store.close()
+
+    newer = tmp_path / "newer.db"
+    Store(newer).set_meta({"schema": str(SCHEMA_VERSION + 1)})
+    for readonly in (False, True):
+        with pytest.raises(StoreError) as err:
+            Store(newer, readonly=readonly)
+        assert str(err.value) == (
+            f"{newer}: written by another gpupack (schema {SCHEMA_VERSION + 1}; this one knows 1 to {SCHEMA_VERSION}):"
+            " run it with that version, or upgrade gpupack"
+        )
+
+
+def test_status_of_a_run_directory_from_a_newer_gpupack_exits_2_in_one_line(tmp_path: Path, capsys) -> None:
+    from gpupack.cli import main
+    from gpupack.store import SCHEMA_VERSION
+
+    Store(tmp_path / "state.db").set_meta({"schema": str(SCHEMA_VERSION + 1)})
+    assert main(["status", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"schema {SCHEMA_VERSION + 1}" in err[0] and "upgrade gpupack" in err[0], err
+
+
+def test_the_aggregate_reads_agree_with_the_rows(store: Store) -> None:
+    """status_rows, phase_state_counts and change_mark answer from SQL what full rows would."""
+    from gpupack.store import A_FAILED, A_SUCCEEDED, SUCCEEDED
+
+    store.sync_experiments([row("t0", 0), row("t1", 1), row("t2", 2, phase="q"), row("t3", 3, phase="q")])  # t4 left the manifest
+    mark = store.change_mark()
+    first = store.begin_attempt("t1", 1, None, "n1", [0], "a.log", None, 10.0)
+    store.end_attempt(first, A_FAILED, 1, 20.0, FAILED, "exit code 1")
+    assert store.change_mark() != mark
+    second = store.begin_attempt("t1", 2, None, "n1", [2, 3], "b.log", None, 30.0)
+    store.end_attempt(second, A_SUCCEEDED, 0, 45.0, SUCCEEDED)
+    rows = {r[0]: r for r in store.status_rows()}
+    assert list(rows) == ["t0", "t1", "t2", "t3"]
+    assert rows["t0"] == ("t0", "p", PENDING, None, 0, None, None, None, None, None)
+    assert rows["t1"] == ("t1", "p", SUCCEEDED, None, 2, (2, 3), "n1", 30.0, 45.0, 0)  # the latest attempt
+    assert store.phase_state_counts() == [("p", PENDING, 1), ("p", SUCCEEDED, 1), ("q", PENDING, 2)]
+    left = store.experiments(states=[PENDING], params=False)
+    assert [e.name for e in left if e.in_manifest] == ["t0", "t2", "t3"] and all(e.params == {} for e in left)
+    mark = store.change_mark()
+    assert store.change_mark() == mark  # nothing changed, nothing to redraw

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# Start a one-node Slurm test cluster (munge + slurmctld + slurmd) with 4 fake GPUs, for
-# gpupack's Slurm tests. Debian/Ubuntu, root, no systemd needed. Safe to run twice: a running
-# cluster with the same config is left alone; a changed config restarts both daemons.
+# Start a Slurm test cluster (munge + slurmctld + one slurmd per node) with 4 fake GPUs per node,
+# for gpupack's Slurm tests. Debian/Ubuntu, root, no systemd needed. Safe to run twice: a running
+# cluster with the same config is left alone; a changed config restarts the daemons.
+#
+#     start.sh              one node named after this host (`hostname -s`)
+#     start.sh --nodes 2    nodes n1, n2 (env GPUPACK_SLURM_NODES=2): one slurmd per node, all on
+#                           this host (`slurmd -N n1`, NodeHostname=localhost, one port each)
 #
 # stdout: only the last line, `export SLURM_CONF=<dir>/etc/slurm.conf`, so that
 #     eval "$(slurm/testcluster/start.sh)"
@@ -11,15 +15,25 @@
 #
 # Environment (defaults in brackets):
 #   GPUPACK_SLURM_DIR [/tmp/gpupack-slurm-test]   configs, state, logs, fake devices
-#   GPUPACK_SLURM_CPUS [16]  GPUPACK_SLURM_GPUS [4]  CPUs and GPUs the node declares
+#   GPUPACK_SLURM_NODES [1]   number of nodes (also --nodes N); 2 or more are named n1, n2, ...
+#   GPUPACK_SLURM_CPUS [16]  GPUPACK_SLURM_GPUS [4]  CPUs and GPUs each node declares
 #   GPUPACK_SLURM_KILLWAIT [5]    seconds between SIGTERM and SIGKILL (cancel, time limit)
-#   GPUPACK_SLURM_CTLD_PORT [6817]  GPUPACK_SLURM_SLURMD_PORT [6818]
+#   GPUPACK_SLURM_CTLD_PORT [6817]  GPUPACK_SLURM_SLURMD_PORT [6818]  (node k: 6818 + k - 1)
 #   GPUPACK_SLURM_START_TIMEOUT [30]  seconds to wait for the node to become usable
 #   GPUPACK_SLURM_SELECT [CR_Core]  SelectTypeParameters (CR_Core_Memory: memory is consumable)
 #   GPUPACK_SLURM_CONF_EXTRA []     more slurm.conf lines (e.g. "DefMemPerCPU=1000")
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
+NODES=${GPUPACK_SLURM_NODES:-1}
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --nodes) NODES=${2:-}; shift 2 || { say "usage: $ME [--nodes N]"; exit 2; };;
+        --nodes=*) NODES=${1#--nodes=}; shift;;
+        *) say "usage: $ME [--nodes N]"; exit 2;;
+    esac
+done
+[[ $NODES =~ ^[1-9][0-9]*$ ]] || { say "--nodes: expected a number of nodes, got '$NODES'"; exit 2; }
 CPUS=${GPUPACK_SLURM_CPUS:-16}
 GPUS=${GPUPACK_SLURM_GPUS:-4}
 KILLWAIT=${GPUPACK_SLURM_KILLWAIT:-5}
@@ -28,18 +42,38 @@ SLURMD_PORT=${GPUPACK_SLURM_SLURMD_PORT:-6818}
 TIMEOUT=${GPUPACK_SLURM_START_TIMEOUT:-30}
 SELECT=${GPUPACK_SLURM_SELECT:-CR_Core}
 EXTRA=${GPUPACK_SLURM_CONF_EXTRA:-}
-NODE=$(hostname -s)
+CTLD_HOST=$(hostname -s)
+if [[ $NODES -eq 1 ]]; then
+    NODE_NAMES=("$CTLD_HOST")
+    NODE_SET=$CTLD_HOST
+else
+    # Several slurmd on one host (Debian builds Slurm with multiple-slurmd support): each has its
+    # own name, port, and (through %n) its own spool, pid and log files.
+    NODE_NAMES=()
+    for ((k = 1; k <= NODES; k++)); do NODE_NAMES+=("n$k"); done
+    NODE_SET="n[1-$NODES]"
+fi
+slurmd_pidfile() { if [[ $NODES -eq 1 ]]; then echo "$DIR/run/slurmd.pid"; else echo "$DIR/run/slurmd-$1.pid"; fi; }
+daemons_alive() {
+    alive "$DIR/run/slurmctld.pid" || return 1
+    local n
+    for n in "${NODE_NAMES[@]}"; do alive "$(slurmd_pidfile "$n")" || return 1; done
+}
 
 fail() {
     say "FAILED: $*"
-    for f in "$DIR"/log/slurmctld.log "$DIR"/log/slurmd.log; do
+    for f in "$DIR"/log/slurmctld.log "$DIR"/log/slurmd*.log; do
         [[ -f $f ]] && { echo "--- tail $f" >&2; tail -n 20 "$f" >&2; }
     done
     exit 1
 }
 # Node states in which jobs can start (sinfo %T, lower case; a trailing * = not responding).
-node_state() { sinfo -h -n "$NODE" -o %T 2>/dev/null | head -n1; }
-usable() { case $(node_state) in idle|mixed|allocated|completing) return 0;; *) return 1;; esac; }
+node_state() { sinfo -h -n "$1" -o %T 2>/dev/null | head -n1; }
+node_usable() { case $(node_state "$1") in idle|mixed|allocated|completing) return 0;; *) return 1;; esac; }
+usable() {
+    local n
+    for n in "${NODE_NAMES[@]}"; do node_usable "$n" || return 1; done
+}
 
 need_pkgs=()
 for pair in munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client; do
@@ -54,11 +88,16 @@ gres_files="$DIR/dev/gpu[0-$((GPUS - 1))]"
 [[ $GPUS -eq 1 ]] && gres_files="$DIR/dev/gpu0"
 gres_node="Gres=gpu:$GPUS"
 [[ $GPUS -eq 0 ]] && gres_node=""
+node_suffix="" log_suffix="" node_host=""
+if [[ $NODES -gt 1 ]]; then
+    node_suffix=/%n log_suffix=-%n
+    node_host="NodeHostname=localhost Port=$SLURMD_PORT-$((SLURMD_PORT + NODES - 1)) "
+fi
 render_slurm_conf() {
 cat <<CONF
 # Written by gpupack slurm/testcluster/start.sh; edits are overwritten.
 ClusterName=gpupacktest
-SlurmctldHost=$NODE(127.0.0.1)
+SlurmctldHost=$CTLD_HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -68,11 +107,11 @@ AuthInfo=cred_expire=10
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$DIR/state
-SlurmdSpoolDir=$DIR/spool
+SlurmdSpoolDir=$DIR/spool$node_suffix
 SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmdPidFile=$(slurmd_pidfile %n)
 SlurmctldLogFile=$DIR/log/slurmctld.log
-SlurmdLogFile=$DIR/log/slurmd.log
+SlurmdLogFile=$DIR/log/slurmd$log_suffix.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
@@ -96,16 +135,18 @@ KillWait=$KILLWAIT
 MinJobAge=300
 MailProg=/bin/true
 $EXTRA
-NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=${mem_mb:-1000} $gres_node State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
+NodeName=$NODE_SET ${node_host}NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=${mem_mb:-1000} $gres_node State=UNKNOWN
+PartitionName=debug Nodes=$NODE_SET Default=YES MaxTime=INFINITE State=UP
 CONF
 }
-render_gres_conf() { [[ $GPUS -eq 0 ]] || echo "Name=gpu File=$gres_files"; }
+render_gres_conf() {
+    [[ $GPUS -eq 0 ]] && return 0
+    if [[ $NODES -eq 1 ]]; then echo "Name=gpu File=$gres_files"; else echo "NodeName=$NODE_SET Name=gpu File=$gres_files"; fi
+}
 same_config() { cmp -s <(render_slurm_conf) "$CONF" && cmp -s <(render_gres_conf) "$DIR/etc/gres.conf"; }
 
 # Already up with this very config (the common case of a second run): nothing to do, any user.
-if [[ ${#need_pkgs[@]} -eq 0 ]] && alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" \
-    && same_config && usable; then
+if [[ ${#need_pkgs[@]} -eq 0 ]] && daemons_alive && same_config && usable; then
     say "already running ($DIR)"
     echo "export SLURM_CONF=$CONF"
     exit 0
@@ -146,40 +187,46 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
     munge -n | unmunge >/dev/null || fail "munged started but munge -n | unmunge fails"
 fi
 
-running=""
-alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid" && running=1
-if [[ -n $running ]] && same_config; then
+if daemons_alive && same_config; then
     say "daemons running with this config"
 else
-    # A changed slurm.conf needs both daemons restarted (slurmd alone: "different slurm.conf").
-    stop_daemon "$DIR/run/slurmd.pid"
+    # A changed slurm.conf needs every daemon restarted (slurmd alone: "different slurm.conf"),
+    # including the slurmd of nodes a different --nodes started.
+    for pidf in "$DIR"/run/slurmd*.pid; do [[ -e $pidf ]] && stop_daemon "$pidf"; done
     stop_daemon "$DIR/run/slurmctld.pid"
-    # One cluster per pair of ports: refuse to fight daemons that are not ours.
-    for port in "$CTLD_PORT" "$SLURMD_PORT"; do
+    # One cluster per set of ports: refuse to fight daemons that are not ours.
+    for port in "$CTLD_PORT" $(seq "$SLURMD_PORT" $((SLURMD_PORT + NODES - 1))); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
             fail "port $port is in use (another Slurm? slurmctld pids: $(pgrep -x slurmctld | tr '\n' ' ')); stop it or set GPUPACK_SLURM_CTLD_PORT/GPUPACK_SLURM_SLURMD_PORT"
         fi
     done
     mkdir -p "$DIR"/{etc,state,spool,run,log,dev}
+    # Each slurmd needs its spool directory to exist ("Domain socket directory ... No such file").
+    [[ $NODES -gt 1 ]] && for n in "${NODE_NAMES[@]}"; do mkdir -p "$DIR/spool/$n"; done
     for ((i = 0; i < GPUS; i++)); do ln -sfn /dev/null "$DIR/dev/gpu$i"; done
     render_slurm_conf >"$CONF"
     render_gres_conf >"$DIR/etc/gres.conf"   # slurmd reads it from slurm.conf's directory
     # -c: forget saved job and node state, so a node DRAINed by an earlier bad start comes back.
     slurmctld -c -f "$CONF" 9>&- || fail "slurmctld did not start"
-    slurmd -f "$CONF" -N "$NODE" 9>&- || fail "slurmd did not start"
-    say "started slurmctld and slurmd ($DIR)"
+    for n in "${NODE_NAMES[@]}"; do
+        slurmd -f "$CONF" -N "$n" 9>&- || fail "slurmd -N $n did not start"
+    done
+    say "started slurmctld and ${#NODE_NAMES[@]} slurmd ($DIR)"
 fi
 
 deadline=$((SECONDS + TIMEOUT))
-resumed=""
-until usable; do
-    state=$(node_state || true)
-    if [[ -z $resumed && $state =~ drain|down|inval|fail ]]; then
-        scontrol update nodename="$NODE" state=resume >&2 2>/dev/null || true
-        resumed=1
-    fi
-    ((SECONDS < deadline)) || fail "node $NODE not usable after ${TIMEOUT}s (sinfo state: '${state:-none}')"
-    sleep 0.1
+declare -A resumed=()
+for n in "${NODE_NAMES[@]}"; do
+    until node_usable "$n"; do
+        state=$(node_state "$n" || true)
+        # A node left down by a test (scontrol update state=down) or DRAINed by an earlier bad start.
+        if [[ -z ${resumed[$n]:-} && $state =~ drain|down|inval|fail ]]; then
+            scontrol update nodename="$n" state=resume >&2 2>/dev/null || true
+            resumed[$n]=1
+        fi
+        ((SECONDS < deadline)) || fail "node $n not usable after ${TIMEOUT}s (sinfo state: '${state:-none}')"
+        sleep 0.1
+    done
 done
-say "node $NODE is $(node_state): $CPUS CPUs, gpu:$GPUS"
+say "node(s) ${NODE_NAMES[*]}: $(node_state "${NODE_NAMES[0]}"), each $CPUS CPUs, gpu:$GPUS"
 echo "export SLURM_CONF=$CONF"

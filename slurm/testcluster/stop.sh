@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Stop the test cluster of start.sh: cancel every job, wait until the queue is empty (stopping
-# slurmd alone would leave the jobs' slurmstepd running), stop slurmd and slurmctld, and the
+# slurmd alone would leave the jobs' slurmstepd running), stop every slurmd and slurmctld, and the
 # munged that start.sh started (a system munged is left alone). Safe to run twice.
 # Exit codes: 0 stopped (or nothing to stop); 77 not root; 1 jobs would not go away.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
-if ! alive "$DIR/run/slurmctld.pid" && ! alive "$DIR/run/slurmd.pid" && [[ ! -f $DIR/.munged-ours ]]; then
+slurmds=()  # one pid file per node: slurmd.pid (one node) or slurmd-<node>.pid (--nodes N)
+for pidf in "$DIR"/run/slurmd*.pid; do alive "$pidf" && slurmds+=("$pidf"); done
+if ! alive "$DIR/run/slurmctld.pid" && [[ ${#slurmds[@]} -eq 0 && ! -f $DIR/.munged-ours ]]; then
     say "nothing running ($DIR)"
     exit 0
 fi
 [[ $(id -u) -eq 0 ]] || cannot "needs root to stop the daemons (uid $(id -u))"
 lock
 
-if alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; then
+if alive "$DIR/run/slurmctld.pid" && [[ ${#slurmds[@]} -gt 0 ]]; then
     mapfile -t ids < <(squeue -h -o %i 2>/dev/null || true)
     if [[ ${#ids[@]} -gt 0 ]]; then
         say "cancelling ${#ids[@]} job(s): ${ids[*]}"
@@ -27,7 +29,7 @@ if alive "$DIR/run/slurmctld.pid" && alive "$DIR/run/slurmd.pid"; then
         done
     fi
 fi
-stop_daemon "$DIR/run/slurmd.pid"
+for pidf in "${slurmds[@]}"; do stop_daemon "$pidf"; done
 stop_daemon "$DIR/run/slurmctld.pid"
 if [[ -f $DIR/.munged-ours ]]; then
     stop_daemon /run/munge/munged.pid

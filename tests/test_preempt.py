@@ -1,0 +1,74 @@
+"""Preemption reaches the trainer, not its children: real `gpupack run`, real process trees.
+
+The preempt signal goes to the experiment's command alone (README "What an experiment sees");
+its DataLoader-like workers, which handle no signal, must still run while it checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+from conftest import ROOT, by_name, gpupack, gpupack_env, start_gpupack, started, wait_for
+
+ENV = gpupack_env(GPUPACK_GPUS="2x80GB")
+TRAINER = f"python3 {ROOT}/tests/bin/trainer.py"
+
+
+def test_trainer_checkpoints_with_its_workers_alive_then_resumes(write_manifest, tmp_path: Path) -> None:
+    m = write_manifest(f"""
+        name: trainers
+        defaults: {{mem: 10GB, resumable: true}}
+        phases:
+          - name: p
+            experiments:
+              - name: simple
+                cmd: {TRAINER} 3000
+              # bash stays in front of a compound command: the signal is for the program it runs
+              - name: compound
+                cmd: cd {tmp_path} && {TRAINER} 3000
+              # one source of truth: what gpupack sends is what gpupack.job in the trainer awaits
+              - name: usr1
+                cmd: {TRAINER} 3000
+                env: {{GPUPACK_PREEMPT_SIGNAL: USR1}}
+        """)
+    run_dir = tmp_path / "runs" / "trainers"
+    names = ("simple", "compound", "usr1")
+    proc = start_gpupack("run", str(m), "--poll", "1", "--grace", "20", "--no-report", env=ENV)
+    wait_for(lambda: all(started(run_dir, n).exists() for n in names), what="the trainers and their workers")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 3, out
+    rows = by_name(run_dir)
+    for name in names:
+        ckpt = json.loads((run_dir / "exp" / name / "checkpoint.json").read_text())
+        assert ckpt["workers_alive"] == 4, (name, ckpt)
+        assert ckpt["step"] > 0
+        assert rows[name]["state"] == "interrupted"
+    assert rows["simple"]["exit_code"] == 128 + signal.SIGUSR2
+    assert rows["usr1"]["exit_code"] == 128 + signal.SIGUSR1
+
+    done = gpupack("run", str(m), "--poll", "1", "--no-report", env=ENV)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in names:
+        ckpt = json.loads((run_dir / "exp" / name / "checkpoint.json").read_text())
+        results = json.loads((run_dir / "exp" / name / "results.json").read_text())
+        assert results == {"steps": 3000, "resumed_from": ckpt["step"]}, name
+
+
+def test_a_preempt_signal_nobody_knows_is_refused(write_manifest, tmp_path: Path) -> None:
+    m = write_manifest("""
+        name: badsig
+        phases:
+          - name: p
+            experiments:
+              - name: a
+                cmd: "true"
+                env: {GPUPACK_PREEMPT_SIGNAL: USR9}
+        """)
+    done = gpupack("run", str(m), "--no-report", env=ENV)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"gpupack: error: {m}: a: env.GPUPACK_PREEMPT_SIGNAL: unknown signal 'USR9' (expected a name like USR2 or a number)"
+    ]
+    assert not (tmp_path / "runs" / "badsig" / "state.db").exists()
