@@ -64,13 +64,17 @@ def gone_after_s(interval_s: float) -> float:
     return max(GONE_MIN_S, GONE_AFTER_INTERVALS * interval_s)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: a reader on any host sees the old
-    file or the new one, never a part."""
+def write_atomic(path: Path, data: bytes | Path) -> None:
+    """`data` (bytes, or a file's content) into a temporary file in the same directory, fsync,
+    rename: a reader on any host sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,16 +90,7 @@ def copy_database(store: Store, dest: Path, scratch_dir: Path) -> None:
     os.close(fd)
     try:
         store.backup_to(Path(local))
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(dest, Path(local))
     finally:
         Path(local).unlink(missing_ok=True)
 
