@@ -24,6 +24,8 @@ if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results
     from rich.console import Console
 
     from . import manifest as manifest_mod
+    from .pool import PoolProbe
+    from .slurm_nodes import NodeWatch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -47,6 +49,7 @@ class RunArgs:
     srun_mode: str | None = None
     max_requeues: int = 10
     report: bool = True
+    state_dir: Path | None = None  # the live database on node-local disk (statedir.py)
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
@@ -89,7 +92,9 @@ def run(args: RunArgs, console: Console) -> int:
 
     manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
-    node = allocation.nodes[0] if allocation and allocation.nodes else socket.gethostname().split(".")[0]
+    node = socket.gethostname().split(".")[0]
+    if allocation and allocation.nodes:
+        node = allocation.batch_node or allocation.nodes[0]
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
         probe, note = open_probe(
@@ -97,6 +102,17 @@ def run(args: RunArgs, console: Console) -> int:
         )
     except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
+    pool: PoolProbe | None = None
+    watch: NodeWatch | None = None
+    notes = [note] if note else []
+    if allocation is not None and len(allocation.nodes) > 1:
+        from .pool import for_allocation  # every other node's GPUs through a reader step
+
+        # The other nodes simulate GPUs too where this one does (--gpus, or no GPU found here).
+        spec = args.gpus or os.environ.get("GPUPACK_GPUS") or (fallback if note else None)
+        pool, watch, left_out = for_allocation(probe, allocation, str(manifest.run_dir), spec, args.poll_s, os.environ)
+        probe = pool
+        notes += left_out
     inventory = probe.inventory()
     headroom = 0
     if args.headroom:
@@ -111,14 +127,24 @@ def run(args: RunArgs, console: Console) -> int:
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
     with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
+        db_path = manifest.run_dir / "state.db"
+        if args.state_dir is not None:
+            from . import statedir
+
+            try:
+                db_path = statedir.prepare(args.state_dir, manifest.run_dir)
+            except statedir.StateDirError as exc:
+                raise GpupackError(str(exc)) from None
         try:
-            store = Store(manifest.run_dir / "state.db")
+            store = Store(db_path)
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
             mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
+            lost = None if watch is None else (lambda force: watch.lost(time.time(), force))
+            node_gpus = {n: len(allocation.gpus_on(n)) for n in allocation.nodes}
             launcher: LocalLauncher = SrunLauncher(
-                mode, node_gpus=allocation.gpus_per_node or None, here=os.environ.get("SLURMD_NODENAME")
+                mode, node_gpus=node_gpus, here=os.environ.get("SLURMD_NODENAME"), lost_nodes=lost
             )
             hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
         else:
@@ -132,7 +158,7 @@ def run(args: RunArgs, console: Console) -> int:
 
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
-        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s)
+        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s, args.state_dir)
 
         def on_tick(now: float) -> None:
             board.refresh(now)
@@ -146,8 +172,10 @@ def run(args: RunArgs, console: Console) -> int:
             # off its WAL database) from its first moment, not an earlier run's end.
             publisher.start()
             eng.prepare()
-            if note:
-                store.event("warn", None, note)
+            for line in notes:
+                store.event("warn", None, line)
+            if pool is not None:
+                pool.note = lambda line: store.event("warn", None, line)
             board.start()
             code = eng.run()
         except StoreError as exc:
@@ -160,9 +188,19 @@ def run(args: RunArgs, console: Console) -> int:
             board.stop()
             eng.close(code)
             publisher.close(code)
+            if pool is not None:
+                pool.close()  # stops the reader steps
         if args.report:
             _write_report(manifest.run_dir, store, console)
         store.close()
+        if args.state_dir is not None:
+            if publisher.copy_error is not None:
+                console.print(
+                    f"warning: {manifest.run_dir / 'state.db'} is not up to date ({publisher.copy_error}); "
+                    f"the run's state is in {db_path}: the next `gpupack run --state-dir` on this node uses it",
+                    highlight=False, soft_wrap=True,
+                )
+            statedir.finish(db_path, copied=publisher.copy_error is None)
         return code
 
 
@@ -247,7 +285,8 @@ def plan(
 
 
 def _check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / "state.db").is_file():
+    # status.json alone: a scheduler with --state-dir before its first copy into the run directory
+    if not (run_dir / "state.db").is_file() and not (run_dir / "status.json").is_file():
         raise GpupackError(f"{run_dir}: not a gpupack run directory (no state.db)")
 
 

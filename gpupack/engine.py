@@ -388,9 +388,11 @@ class Engine:
         if done:
             with self.store.batch():  # what ended since the last tick: one commit
                 for r, code in done:
-                    self._ended(r, code, now, interrupted=False)
+                    # Lost with its node: interrupted (no retry used), whatever srun's exit code.
+                    lost = self.launcher.lost(r.exp.name)
+                    self._ended(r, code, now, interrupted=lost is not None, why=lost)
 
-    def _ended(self, r: Running, code: int | None, now: float, interrupted: bool) -> None:
+    def _ended(self, r: Running, code: int | None, now: float, interrupted: bool, why: str | None = None) -> None:
         name, exp = r.exp.name, r.exp
         del self.running[name]
         self.launcher.ended(name)
@@ -398,15 +400,16 @@ class Engine:
         took = format_duration(now - r.started_at)
         where = _where_keys(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
-        if outcome.succeeded:
+        if outcome.succeeded and why is None:
             self.learned.add(exp.template, r.resumed_s + now - r.started_at, r.peak_bytes or None)
             event = Event(now, "finish", name, f"{name} succeeded in {took} on {where}")
             self.store.end_attempt(r.attempt_id, A_SUCCEEDED, code, now, SUCCEEDED, event=event, usage=usage)
             self.states[name] = SUCCEEDED
             return
         if interrupted:
-            event = Event(now, "interrupt", name, f"{name} interrupted after {took} on {where}")
-            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, self.signals.reason, event=event, usage=usage)
+            because = f": {why}" if why else ""
+            event = Event(now, "interrupt", name, f"{name} interrupted after {took} on {where}{because}")
+            self.store.end_attempt(r.attempt_id, A_INTERRUPTED, code, now, INTERRUPTED, why or self.signals.reason, event=event, usage=usage)
             self.states[name] = INTERRUPTED
             return
         log = r.handle.log_path

@@ -22,7 +22,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
@@ -198,6 +198,8 @@ class Launcher(Protocol):
 
     def may_launch(self, now: float) -> bool: ...
 
+    def lost(self, name: str) -> str | None: ...
+
     def ended(self, name: str) -> None: ...
 
 
@@ -211,6 +213,11 @@ class LocalLauncher:
 
     def may_launch(self, now: float) -> bool:
         return True
+
+    def lost(self, name: str) -> str | None:
+        """Why the attempt `name`, which has just ended, was lost with its node (None: it ran
+        its course). Such an attempt is interrupted, whatever its exit code."""
+        return None
 
     def ended(self, name: str) -> None:
         pass
@@ -262,19 +269,39 @@ class SrunLauncher(LocalLauncher):
     WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
     def __init__(
-        self, mode: GpuMode, node_gpus: int | None = None, max_steps_per_s: int = 5, here: str | None = None
+        self,
+        mode: GpuMode,
+        node_gpus: int | Mapping[str, int] | None = None,
+        max_steps_per_s: int = 5,
+        here: str | None = None,
+        lost_nodes: Callable[[bool], Mapping[str, str]] | None = None,
     ):
+        """`node_gpus`: the job's GPU count on every node, or per node (overlap mode asks for
+        all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch)."""
         from .slurm import StepThrottle
 
         self.here = here  # the Slurm node this gpupack runs on (None: a login node, not one of the job's)
         self.mode = mode
         self.node_gpus = node_gpus
+        self.lost_nodes = lost_nodes
         self.throttle = StepThrottle(max_steps_per_s)
         self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
+        self._steps: dict[str, tuple[Path, int, tuple[str, ...]]] = {}  # name -> (log, offset at launch, nodes)
+        self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
 
+        node_gpus = self.node_gpus
+        if isinstance(node_gpus, Mapping):
+            node_gpus = node_gpus.get(spec.node)
+        master_addr = ""
+        if len(spec.nodes) > 1:
+            if spec.nodes[0] not in self._addresses:
+                from .slurm_nodes import node_address
+
+                self._addresses[spec.nodes[0]] = node_address(spec.nodes[0])
+            master_addr = self._addresses[spec.nodes[0]]
         return srun_argv(
             name=spec.name,
             node=spec.node,
@@ -282,7 +309,9 @@ class SrunLauncher(LocalLauncher):
             cpus=spec.cpus,
             mode=self.mode,
             inner_argv=command_argv(spec),
-            node_gpus=self.node_gpus,
+            node_gpus=node_gpus,
+            nodes=spec.nodes,
+            master_addr=master_addr,
         )
 
     def runs_here(self, node: str) -> bool:
@@ -294,7 +323,30 @@ class SrunLauncher(LocalLauncher):
         now = time.time()
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
+        self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))
         return handle
+
+    def lost(self, name: str) -> str | None:
+        """srun exits 0 when the step's node fails under it, saying `Node failure on n2` on
+        stderr (the attempt's log): that, or the allocation having lost the node, is a loss."""
+        if name not in self._steps:
+            return None
+        from .slurm_nodes import node_failures
+
+        log, offset, nodes = self._steps[name]
+        try:
+            with open(log, "rb") as f:
+                f.seek(max(offset, f.seek(0, os.SEEK_END) - 65536))  # srun's last words
+                failed = node_failures(f.read().decode(errors="replace"))
+        except OSError:
+            failed = set()
+        lost = self.lost_nodes(bool(failed)) if self.lost_nodes is not None else {}
+        for node in nodes:
+            if node in lost:
+                return f"node {node} {lost[node]}"
+        if failed:
+            return f"node failure on {', '.join(sorted(failed))} (srun)"
+        return None
 
     def may_launch(self, now: float) -> bool:
         for name, (log, offset, since) in list(self._watched.items()):
@@ -312,6 +364,7 @@ class SrunLauncher(LocalLauncher):
 
     def ended(self, name: str) -> None:
         self._watched.pop(name, None)
+        self._steps.pop(name, None)
         self.throttle.ended(name)
 
 

@@ -6,6 +6,8 @@ Every Slurm quirk gpupack depends on lives here (observed on Slurm 22.05, slurm/
   the job's GPUs on a node as the batch script's CUDA_VISIBLE_DEVICES lists them, which is the
   value a step's CUDA_VISIBLE_DEVICES needs in both GPU modes below (global indices where devices
   are not cgroup-constrained, 0..k-1 where they are) and the NVML index of each GPU the job holds.
+  With several nodes, `gpus_on(node)` gives each node's own GPUs, read from `scontrol show job -d`
+  (nodes may differ); the batch node is SLURMD_NODENAME.
 - `end_time()` / `AllocationClock`: 22.05 exports no end time, so ask squeue (`%L`, time left)
   and fall back to `scontrol show job` (EndTime); `scontrol update TimeLimit` can move it, hence
   the periodic refresh. Never raises: unknown is None.
@@ -70,10 +72,18 @@ class Allocation:
     cpus_per_node: tuple[int, ...]  # aligned with nodes; empty when unknown
     restart_count: int  # 0 on the first run, 1 after the first requeue, ...
     batch_node: str | None = None
+    # Each node's GPUs, as a step there names them (only read when the job has several nodes).
+    node_gpu_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def gpus_per_node(self) -> int:
         return len(self.gpu_ids)
+
+    def gpus_on(self, node: str) -> tuple[int, ...]:
+        """The job's GPUs on `node` (the batch node's view where nothing else is known)."""
+        if node == self.batch_node or node not in self.node_gpu_ids:
+            return self.gpu_ids
+        return self.node_gpu_ids[node]
 
     def cpus_on(self, node: str) -> int | None:
         if node in self.nodes and len(self.cpus_per_node) == len(self.nodes):
@@ -95,14 +105,54 @@ class Allocation:
         if len(cpus) != len(nodes):
             on_node = _int(env.get("SLURM_CPUS_ON_NODE"))
             cpus = (on_node,) * len(nodes) if on_node is not None else ()
+        gpu_ids = _gpu_ids(env, max(len(nodes), 1))
+        batch_node = env.get("SLURMD_NODENAME")
+        per_node: dict[str, tuple[int, ...]] = {}
+        if len(nodes) > 1:
+            per_node = job_gpu_layout(job_id, run=run)
+            # Where devices are cgroup-constrained a step numbers its GPUs 0..k-1, whatever
+            # their index on the node: the batch step's CUDA_VISIBLE_DEVICES tells which.
+            mine = per_node.get(batch_node or "")
+            if mine is not None and mine != gpu_ids and gpu_ids == tuple(range(len(gpu_ids))):
+                per_node = {n: tuple(range(len(ids))) for n, ids in per_node.items()}
         return cls(
             job_id=job_id,
             nodes=nodes,
-            gpu_ids=_gpu_ids(env, max(len(nodes), 1)),
+            gpu_ids=gpu_ids,
             cpus_per_node=cpus,
             restart_count=_int(env.get("SLURM_RESTART_COUNT")) or 0,
-            batch_node=env.get("SLURMD_NODENAME"),
+            batch_node=batch_node,
+            node_gpu_ids=per_node,
         )
+
+
+def job_gpu_layout(job_id: str, *, run: Runner = run_command) -> dict[str, tuple[int, ...]]:
+    """Each node's GPU indices from `scontrol show job -d J`, whose detail lines read
+    `Nodes=n[1-2] CPU_IDs=0-15 Mem=0 GRES=gpu:4(IDX:0-3)` (one line per group of alike nodes).
+    Empty when Slurm does not say."""
+    out = run(["scontrol", "show", "job", "-d", job_id])
+    layout: dict[str, tuple[int, ...]] = {}
+    for line in (out or "").splitlines():
+        line = line.strip()
+        if not line.startswith("Nodes="):
+            continue
+        fields = dict(tok.partition("=")[::2] for tok in line.split())
+        ids = gres_indices(fields.get("GRES", ""))
+        for node in expand_nodelist(fields.get("Nodes", ""), run=run):
+            layout[node] = ids
+    return layout
+
+
+def gres_indices(text: str) -> tuple[int, ...]:
+    """GPU indices of a detailed GRES string: 'gpu:4(IDX:0-3)', 'gpu:a100:2(IDX:0,2)',
+    'gpu:2(IDX:1-2),shard:0(0/8)' -> (0, 1, 2, 3), (0, 2), (1, 2); no GPU -> ()."""
+    ids: list[int] = []
+    for m in re.finditer(r"(?:^|,)\s*gpu(?::[^,(]*)?\(IDX:([0-9,\-]*)\)", text):
+        for part in m[1].split(","):
+            lo, _, hi = part.partition("-")
+            if lo.isdigit():
+                ids += range(int(lo), int(hi or lo) + 1)
+    return tuple(ids)
 
 
 def _int(text: str | None) -> int | None:
@@ -214,11 +264,17 @@ def show_job(job_id: str, *, run: Runner = run_command) -> dict[str, str] | None
     out = run(["scontrol", "show", "job", job_id])
     if not out:
         return None
+    return parse_scontrol(out, ("Command", "WorkDir", "StdOut", "StdErr", "StdIn", "Comment"))
+
+
+def parse_scontrol(text: str, whole_line: Sequence[str] = ()) -> dict[str, str]:
+    """`scontrol show ...` output as a dict of its key=value tokens (the first of each key); a
+    line starting with one of `whole_line` keys gives that key the rest of the line."""
     info: dict[str, str] = {}
-    for line in out.splitlines():
+    for line in text.splitlines():
         line = line.strip()
         key, _, rest = line.partition("=")
-        if key in ("Command", "WorkDir", "StdOut", "StdErr", "StdIn", "Comment"):
+        if key in whole_line:
             info[key] = rest
             continue
         for token in line.split():
@@ -376,9 +432,16 @@ def srun_argv(
     mode: GpuMode,
     inner_argv: Sequence[str],
     node_gpus: int | None = None,
+    nodes: Sequence[str] = (),
+    master_addr: str = "",
 ) -> list[str]:
     """The `srun` command that runs `inner_argv` as one job step on `node` with exactly the GPUs
     `gpu_indices` (values for CUDA_VISIBLE_DEVICES, see Allocation.gpu_ids) and `cpus` cores.
+
+    With `nodes` (K > 1, rank order, a multi-node experiment): one step of K tasks, one per
+    node, each with those GPUs and cores on its node; every task sets RANK, NODE_RANK and
+    GPUPACK_NODE_RANK to its node's position in GPUPACK_NODES (Slurm numbers tasks in its own
+    node order, not in --nodelist's) and gets MASTER_ADDR=`master_addr`, the first node's address.
 
     --exact: the step gets its own cores (without it, it takes all of the job's CPUs and steps
     serialize). --mem=0: where memory is consumable and the job set --mem, a step without --mem
@@ -393,8 +456,14 @@ def srun_argv(
         raise ValueError(f"cpus must be >= 1, got {cpus}")
     if not inner_argv or "=" in inner_argv[0]:
         raise ValueError(f"inner_argv must start with a command, got {list(inner_argv)!r}")
+    if len(nodes) > 1:
+        k = len(nodes)
+        where = ["-N", str(k), "-n", str(k), "--ntasks-per-node=1", f"--nodelist={','.join(nodes)}"]
+        inner_argv = ["env", f"MASTER_ADDR={master_addr or nodes[0]}", "/bin/sh", "-c", _RANK, "gpupack-rank", *inner_argv]
+    else:
+        where = ["-N1", "-n1", f"--nodelist={node}"]
     argv = [
-        "srun", "--exact", "-N1", "-n1", f"--nodelist={node}", f"--job-name={name}",
+        "srun", "--exact", *where, f"--job-name={name}",
         f"--cpus-per-task={cpus}", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL",
     ]
     if not gpu_indices:
@@ -407,6 +476,15 @@ def srun_argv(
         argv += ["--gres=none"]
     visible = ",".join(str(i) for i in gpu_indices)
     return argv + ["env", f"CUDA_VISIBLE_DEVICES={visible}", *inner_argv]
+
+
+# A multi-node step's task: its rank is its node's place in GPUPACK_NODES (SLURM_NODEID where
+# that fails), then the command.
+_RANK = (
+    'r=0; for n in $(echo "$GPUPACK_NODES" | tr , " "); do [ "$n" = "$SLURMD_NODENAME" ] && break; r=$((r + 1)); done; '
+    '[ "$r" -lt "${GPUPACK_NNODES:-0}" ] || r=${SLURM_NODEID:-0}; '
+    'export RANK=$r NODE_RANK=$r GPUPACK_NODE_RANK=$r; exec "$@"'
+)
 
 
 def gpu_mode(config_text: str | None, override: str | None = None) -> GpuMode:

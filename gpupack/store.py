@@ -646,5 +646,16 @@ class Store:
     def meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
 
+    def backup_to(self, path: Path) -> None:
+        """A consistent copy of the whole database at `path` (SQLite's online backup API, which
+        reads while the run writes), in rollback-journal mode: read with immutable=1, it needs no
+        -wal/-shm. `path` should be on a local disk (publish.py moves it where it belongs)."""
+        dest = sqlite3.connect(str(path))
+        try:
+            self._db.backup(dest)
+            dest.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dest.close()
+
     def integrity_ok(self) -> bool:
         return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -41,6 +41,18 @@ def cluster_problem() -> str | None:
     return None
 
 
+def cluster_nodes(env: dict[str, str], usable: bool = True) -> list[str]:
+    """The test cluster's nodes with 4 GPUs each (`usable`: only those that take jobs now)."""
+    done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %G"], env=env, capture_output=True, text=True, timeout=15)
+    nodes = []
+    for line in done.stdout.splitlines():
+        name, state, gres = (line.split() + ["", "", ""])[:3]
+        ok = state.rstrip("*") in ("idle", "mixed", "allocated", "completing") or not usable
+        if "gpu:4" in gres and ok and name not in nodes:
+            nodes.append(name)
+    return nodes
+
+
 @pytest.fixture(scope="session")
 def slurm_env() -> dict[str, str]:
     """Environment for sbatch: the test cluster's SLURM_CONF and this checkout on PYTHONPATH."""
@@ -164,3 +176,17 @@ def wait_job_done(jobs: Jobs, job: str, log: Path, timeout_s: float) -> dict[str
     info = jobs.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout_s)
     assert info["JobState"] == "COMPLETED", f"job {job} {info['JobState']}:\n{log.read_text() if log.exists() else ''}"
     return info
+
+
+@pytest.fixture
+def two_nodes(slurm_env: dict[str, str]) -> list[str]:
+    """Two nodes of the test cluster (`start.sh --nodes 2`); skipped on a one-node cluster,
+    failed instead when GPUPACK_REQUIRE_SLURM=1 (CI starts the two-node cluster)."""
+    nodes = cluster_nodes(slurm_env, usable=False)
+    if len(nodes) < 2:
+        problem = f"the test cluster has {len(nodes)} node(s), these tests need 2: start it with --nodes 2"
+        if os.environ.get("GPUPACK_REQUIRE_SLURM") == "1":
+            pytest.fail(f"GPUPACK_REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    # A node an earlier test set down comes back by itself (ReturnToService=2) within seconds.
+    return wait_for(f"nodes {nodes[:2]} to take jobs", lambda: (lambda u: u if len(u) >= 2 else None)(cluster_nodes(slurm_env)), 60)[:2]

@@ -138,6 +138,11 @@ def no_commands(argv: Sequence[str]) -> str | None:
     raise AssertionError(f"no command expected, got {list(argv)}")
 
 
+def no_job_detail(argv: Sequence[str]) -> str | None:
+    """A slurmctld that does not answer `scontrol show job -d` (several nodes ask it)."""
+    return None if list(argv[:4]) == ["scontrol", "show", "job", "-d"] else no_commands(argv)
+
+
 def test_outside_slurm_there_is_no_allocation() -> None:
     assert Allocation.from_env({"HOME": "/root", "CUDA_VISIBLE_DEVICES": "0"}, run=no_commands) is None
 
@@ -162,15 +167,17 @@ def test_node_range_is_expanded_by_scontrol() -> None:
         "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_GPUS": "0,1,2,3", "CUDA_VISIBLE_DEVICES": "0,1,2,3",
         "SLURMD_NODENAME": "gpu07",
     }
-    fake = FakeSlurm({("scontrol", "show", "hostnames", "gpu[07-08]"): "gpu07\ngpu08\n"})
+    fake = FakeSlurm({("scontrol", "show", "hostnames", "gpu[07-08]"): "gpu07\ngpu08\n",
+                      ("scontrol", "show", "job", "-d", "77"): None})
     a = Allocation.from_env(env, run=fake)
     assert a is not None
     assert a.nodes == ("gpu07", "gpu08") and a.cpus_per_node == (32, 32) and a.gpu_ids == (0, 1, 2, 3)
+    assert a.gpus_on("gpu08") == (0, 1, 2, 3)  # Slurm did not say: the batch node's view
 
 
 def test_plain_node_list_needs_no_command() -> None:
     env = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "a1,b2", "SLURM_JOB_CPUS_PER_NODE": "16,8"}
-    a = Allocation.from_env(env, run=no_commands)
+    a = Allocation.from_env(env, run=no_job_detail)
     assert a is not None and a.nodes == ("a1", "b2") and a.cpus_per_node == (16, 8) and a.gpu_ids == ()
 
 
@@ -193,7 +200,7 @@ def test_plain_node_list_needs_no_command() -> None:
 )
 def test_gpu_ids(gpu_env: dict[str, str], ids: tuple[int, ...]) -> None:
     env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "a,b" if "SLURM_GPUS" in gpu_env else "a", **gpu_env}
-    a = Allocation.from_env(env, run=no_commands)
+    a = Allocation.from_env(env, run=no_job_detail)
     assert a is not None and a.gpu_ids == ids
 
 
@@ -413,3 +420,138 @@ def test_throttle_pauses_while_a_step_waits_for_creation() -> None:
 def test_throttle_needs_a_positive_rate() -> None:
     with pytest.raises(ValueError, match="max_per_s must be >= 1"):
         StepThrottle(max_per_s=0)
+
+
+# --- several nodes (captured on the two-node test cluster) ----------------------------------
+
+# `sbatch -N2 --ntasks-per-node=1 -c16 --gres=gpu:4 --no-kill`, batch step on n1.
+ENV_TWO_NODES = {
+    "CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURMD_NODENAME": "n1", "SLURM_CPUS_ON_NODE": "16",
+    "SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_CPUS_PER_NODE": "16(x2)", "SLURM_JOB_GPUS": "0,1,2,3",
+    "SLURM_JOB_ID": "14", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NODELIST": "n[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_TASKS_PER_NODE": "1(x2)",
+}
+SHOW_JOB_D = """JobId=14 JobName=env.sh
+   JobState=RUNNING Reason=None Dependency=(null)
+   NodeList=n[1-2]
+   BatchHost=n1
+   NumNodes=2 NumCPUs=32 NumTasks=2 CPUs/Task=16 ReqB:S:C:T=0:0:*:*
+   JOB_GRES=gpu:8
+     Nodes=n[1-2] CPU_IDs=0-15 Mem=0 GRES=gpu:4(IDX:0-3)
+   MinCPUsNode=16 MinMemoryNode=0 MinTmpDiskNode=0
+"""
+# What a cluster of unlike nodes prints: one detail line per group of alike nodes.
+SHOW_JOB_D_MIXED = """JobId=15 JobName=x
+   NodeList=g[1-3]
+     Nodes=g[1-2] CPU_IDs=0-31 Mem=0 GRES=gpu:h100:4(IDX:0-3)
+     Nodes=g3 CPU_IDs=0-15 Mem=0 GRES=gpu:a100:2(IDX:1,3)
+"""
+
+
+def test_two_nodes_each_with_its_own_gpus() -> None:
+    fake = FakeSlurm({
+        ("scontrol", "show", "hostnames", "n[1-2]"): "n1\nn2\n",
+        ("scontrol", "show", "job", "-d", "14"): SHOW_JOB_D,
+    })
+    a = Allocation.from_env(ENV_TWO_NODES, run=fake)
+    assert a is not None and a.nodes == ("n1", "n2") and a.batch_node == "n1"
+    assert a.cpus_per_node == (16, 16)
+    assert a.gpus_on("n1") == (0, 1, 2, 3) and a.gpus_on("n2") == (0, 1, 2, 3)
+
+
+def test_unlike_nodes_are_read_not_assumed() -> None:
+    fake = FakeSlurm({
+        ("scontrol", "show", "hostnames", "g[1-3]"): "g1\ng2\ng3\n",
+        ("scontrol", "show", "hostnames", "g[1-2]"): "g1\ng2\n",
+        ("scontrol", "show", "job", "-d", "15"): SHOW_JOB_D_MIXED,
+    })
+    env = {"SLURM_JOB_ID": "15", "SLURM_JOB_NODELIST": "g[1-3]", "SLURMD_NODENAME": "g3",
+           "SLURM_JOB_GPUS": "1,3", "CUDA_VISIBLE_DEVICES": "1,3"}
+    a = Allocation.from_env(env, run=fake)
+    assert a is not None and a.gpus_on("g3") == (1, 3) and a.gpus_on("g1") == (0, 1, 2, 3)
+    # ConstrainDevices: the batch step sees 0..k-1, and so does a step on any node.
+    a = Allocation.from_env({**env, "CUDA_VISIBLE_DEVICES": "0,1"}, run=fake)
+    assert a is not None and a.gpus_on("g3") == (0, 1) and a.gpus_on("g2") == (0, 1, 2, 3)
+
+
+def test_one_node_asks_nothing_about_nodes() -> None:
+    a = Allocation.from_env(ENV_ONE_NODE, run=no_commands)
+    assert a is not None and a.node_gpu_ids == {} and a.gpus_on("vm") == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "text,ids",
+    [("gpu:4(IDX:0-3)", (0, 1, 2, 3)), ("gpu:a100:2(IDX:0,2)", (0, 2)), ("gpu:2(IDX:1-2),shard:0(0/8)", (1, 2)),
+     ("gpu:h100:1(IDX:0),gpu:a100:2(IDX:1-2)", (0, 1, 2)), ("", ()), ("shard:2(IDX:0)", ()), ("gpu:0", ())],
+)
+def test_gres_indices(text: str, ids: tuple[int, ...]) -> None:
+    assert slurm.gres_indices(text) == ids
+
+
+# --- nodes lost, reader steps -------------------------------------------------------------
+
+SHOW_NODE_DOWN = """NodeName=n2 Arch=x86_64 CoresPerSocket=1
+   NodeAddr=10.1.0.2 NodeHostName=localhost Port=6839 Version=22.05.8
+   State=DOWN ThreadsPerCore=1 TmpDisk=0 Weight=1 Owner=N/A MCS_label=N/A
+   Reason=test it [root@2026-12-03T07:55:11]
+"""
+
+
+def test_node_watch_sees_a_node_leave_the_job() -> None:
+    from gpupack.slurm_nodes import NodeWatch
+
+    answers: dict[tuple[str, ...], str | None] = {
+        ("scontrol", "show", "job", "14"): SHOW_JOB_D,
+        ("scontrol", "show", "hostnames", "n[1-2]"): "n1\nn2\n",
+        ("scontrol", "show", "node", "n2"): SHOW_NODE_DOWN,
+    }
+    fake = FakeSlurm(answers)
+    watch = NodeWatch("14", ("n1", "n2"), run=fake, every_s=5)
+    assert watch.lost(0.0) == {}
+    answers[("scontrol", "show", "job", "14")] = SHOW_JOB_D.replace("NodeList=n[1-2]", "NodeList=n1")
+    assert watch.lost(1.0) == {}  # asked at most every 5 s ...
+    assert watch.lost(1.5, force=True) == {"n2": "left the allocation (down: test it)"}  # ... unless forced
+    answers[("scontrol", "show", "job", "14")] = None  # slurmctld busy: what is lost stays lost
+    assert watch.lost(10.0) == {"n2": "left the allocation (down: test it)"}
+
+
+def test_node_address_and_reader_step() -> None:
+    from gpupack.slurm_nodes import node_address, node_failures, reader_argv
+
+    assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): SHOW_NODE_DOWN})) == "10.1.0.2"
+    assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): None})) == "n2"
+    assert node_failures("x\nsrun: error: Node failure on n2\nsrun: error: Node failure on n3\n") == {"n2", "n3"}
+    assert reader_argv("n2", "/venv/bin/python", 5.0, "/runs/x", "4x80GB") == [
+        "srun", "--overlap", "-N1", "-n1", "--nodelist=n2", "--job-name=gpupack-reader", "--mem=0", "--export=ALL",
+        "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--run-dir", "/runs/x",
+        "--gpus", "4x80GB",
+    ]
+
+
+def test_srun_argv_multi_node_step() -> None:
+    argv = srun_argv(name="ddp", node="n2", gpu_indices=(0, 1, 2, 3), cpus=8, mode="gres-none", inner_argv=INNER,
+                     nodes=("n2", "n1"), master_addr="10.1.0.2")
+    shim = argv.index("gpupack-rank")
+    assert argv[:shim - 2] == [
+        "srun", "--exact", "-N", "2", "-n", "2", "--ntasks-per-node=1", "--nodelist=n2,n1", "--job-name=ddp",
+        "--cpus-per-task=8", "--mem=0", "--kill-on-bad-exit=1", "--export=ALL", "--gres=none",
+        "env", "CUDA_VISIBLE_DEVICES=0,1,2,3", "env", "MASTER_ADDR=10.1.0.2", "/bin/sh",
+    ]
+    assert argv[shim + 1:] == INNER
+
+
+@pytest.mark.parametrize(
+    ("node", "node_id", "rank"),
+    [("n2", "1", "0"), ("n1", "0", "1"), ("n9", "1", "1")],  # rank order is GPUPACK_NODES's, not Slurm's
+)
+def test_multi_node_task_takes_its_rank_from_its_node(node: str, node_id: str, rank: str) -> None:
+    import subprocess
+
+    argv = srun_argv(name="ddp", node="n2", gpu_indices=(), cpus=1, mode="gres-none",
+                     inner_argv=["sh", "-c", 'echo "$RANK $NODE_RANK $GPUPACK_NODE_RANK $MASTER_ADDR"'],
+                     nodes=("n2", "n1"), master_addr="10.1.0.2")
+    task = argv[argv.index("--gres=none") + 1:]  # what each task runs
+    env = {"PATH": "/usr/bin:/bin", "GPUPACK_NODES": "n2,n1", "GPUPACK_NNODES": "2", "SLURMD_NODENAME": node,
+           "SLURM_NODEID": node_id}
+    out = subprocess.run(task, env=env, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.split() == [rank, rank, rank, "10.1.0.2"]

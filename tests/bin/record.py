@@ -27,6 +27,7 @@ record = {
     "attempt": int(attempt),
     "resume": os.environ.get("GPUPACK_RESUME"),
     "pid": os.getpid(),
+    "node": os.environ.get("SLURMD_NODENAME"),  # under Slurm, the node the step ran on
 }
 preempted = []
 if args.ignore_preempt:
