@@ -46,6 +46,7 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.log"
 PUBLISHED_DB = "snapshot.db"
 MIN_PUBLISH_INTERVAL_S = 1.0
+STATUS_EVERY_S = 30.0  # the status is rebuilt at least this often even when no attempt or state changed
 SNAPSHOT_DB_EVERY_S = 60.0  # snapshot.db: `results`/`report` elsewhere may be a minute behind
 COPY_DUTY = 10  # the next database copy waits at least ten times as long as the last one took
 # A reader calls the writer gone after this many heartbeat intervals without one (and never
@@ -64,13 +65,17 @@ def gone_after_s(interval_s: float) -> float:
     return max(GONE_MIN_S, GONE_AFTER_INTERVALS * interval_s)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: a reader on any host sees the old
-    file or the new one, never a part."""
+def write_atomic(path: Path, data: bytes | Path) -> None:
+    """`data` (bytes, or a file's content) into a temporary file in the same directory, fsync,
+    rename: a reader on any host sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -86,16 +91,7 @@ def copy_database(store: Store, dest: Path, scratch_dir: Path) -> None:
     os.close(fd)
     try:
         store.backup_to(Path(local))
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-        try:
-            with os.fdopen(fd, "wb") as out, open(local, "rb") as src:
-                shutil.copyfileobj(src, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(dest, Path(local))
     finally:
         Path(local).unlink(missing_ok=True)
 
@@ -189,7 +185,9 @@ class Publisher:
             "host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id or None,
             "written_at": 0.0, "interval_s": self.interval_s, "db": str(Path(store.path).resolve()),
         }
-        self._payload: dict[str, Any] | None = None
+        self._parts: dict[str, str] = {}  # the document's big members, serialized once per build
+        self._status_mark: str | None = None
+        self._status_built = float("-inf")
         self._last_build = float("-inf")
         self._last_write = float("-inf")
         self._lock = threading.Lock()
@@ -213,14 +211,17 @@ class Publisher:
         if not force and now - self._last_build < MIN_PUBLISH_INTERVAL_S:
             return
         self._last_build = now
-        payload = {
-            "format": FORMAT,
-            "status": status_data(self.store, self.store.meta().get("run_name", self.run_dir.name)),
-            "view": view_to_json(build_view(self.store, now)),
-            "log_every_s": self.log_every_s,
-        }
+        parts = dict(self._parts)
+        # The status of 10,000 experiments costs tens of milliseconds to build and serialize:
+        # rebuilt only when an attempt or a state changed (or, for reasons, every STATUS_EVERY_S).
+        mark = self.store.change_mark()
+        if force or mark != self._status_mark or now - self._status_built >= STATUS_EVERY_S:
+            status = status_data(self.store, self.store.meta().get("run_name", self.run_dir.name))
+            parts["status"] = json.dumps(status, separators=(",", ":"))
+            self._status_mark, self._status_built = mark, now
+        parts["view"] = json.dumps(view_to_json(build_view(self.store, now)), separators=(",", ":"))
         with self._lock:
-            self._payload = payload
+            self._parts = parts
             self._write_locked()
         if copy and now >= self._next_copy:
             self._copy(now)
@@ -266,11 +267,15 @@ class Publisher:
 
     def _write_locked(self) -> None:
         now = time.time()
-        doc: dict[str, Any] = {"format": FORMAT, **(self._payload or {})}
-        doc["heartbeat"] = {**self.heartbeat, "written_at": now}
-        doc["ended"] = self._ended
+        small = {
+            "format": FORMAT, "log_every_s": self.log_every_s, "heartbeat": {**self.heartbeat, "written_at": now},
+            "ended": self._ended,
+        }
+        # The heartbeat thread rewrites the document every interval: the big members go in as
+        # they were serialized at the last tick.
+        text = json.dumps(small, separators=(",", ":"))[:-1] + "".join(f',"{k}":{v}' for k, v in self._parts.items()) + "}"
         try:
-            write_atomic(self.run_dir / STATUS_FILE, json.dumps(doc, separators=(",", ":")).encode())
+            write_atomic(self.run_dir / STATUS_FILE, text.encode())
             self._last_write = now
         except OSError:
             pass  # best-effort: readers then see an older heartbeat, and say so if it grows stale

@@ -27,6 +27,7 @@ import pytest
 
 from gpupack import reader
 from gpupack.publish import gone_after_s, heartbeat_interval
+from test_crash import DURATIONS, _manifest as storm_manifest
 from conftest import RECORD, ROOT, alive, gpupack_env, seen, started, status, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -264,10 +265,6 @@ def test_state_dir_keeps_the_live_database_on_the_node_and_the_run_directory_cur
 
 # --- 20 kill -9 of a scheduler while a reader on the other "host" polls ----------------------
 
-N = 24
-DURATIONS = [round(0.5 + 0.1 * i, 2) for i in range(N)]  # 0.5 .. 2.8 s, 8 at a time
-
-
 def _observations_hold(observed: list[tuple[int, dict[str, Any]]], final: dict[str, list[dict[str, Any]]]) -> None:
     """Every status the reader saw was true of the database at some moment: each attempt it
     shows exists with the same start, an ended one with the same end, exit code and outcome, and
@@ -298,18 +295,7 @@ def _observations_hold(observed: list[tuple[int, dict[str, Any]]], final: dict[s
 
 
 def test_twenty_kills_never_show_a_reader_elsewhere_a_state_that_was_not(tmp_path: Path) -> None:
-    ledger = tmp_path / "ledger"
-    m = tmp_path / "storm.yaml"
-    m.write_text(f"""
-name: storm
-defaults: {{mem: 30GB, time: 1s, resumable: true}}
-phases:
-  - name: work
-    experiments:
-      - name: "job{{s}}"
-        cmd: bash {ROOT}/tests/bin/ledger.sh {ledger} {{name}} {{s}}
-        grid: {{s: {DURATIONS}}}
-""")
+    m = storm_manifest(tmp_path)  # 24 experiments of 0.3-1.45 s, 8 at a time
     run_dir = tmp_path / "runs" / "storm"
     observed: list[tuple[int, dict[str, Any]]] = []
     sources: list[str] = []
