@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from . import policy, recovery
 from .estimates import Learned, oom_budget, resumed_time_s
 from .gpus import GpuInfo, GpuProbe, Reading
-from .launch import Handle, LaunchSpec, Launcher, experiment_env
+from .launch import Handle, LaunchSpec, Launcher, experiment_env, free_port
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
@@ -69,6 +69,8 @@ class Running:
     peak_bytes: int = 0
     util_sum: float = 0.0
     util_n: int = 0
+    node: str = ""  # its (first) node: where a CPU-only experiment's CPUs are
+    master_port: int | None = None  # a multi-node experiment's
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Engine:
         self.run_id: int | None = None
         self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
+        self.several_nodes = len({g.node for g in self.inventory}) > 1
         self._last_sample = 0.0
         self._alloc_end: str | None = None
         self.learned = Learned()
@@ -152,11 +155,11 @@ class Engine:
             exp = self.by_name.get(found.name)
             if found.handle is not None and exp is not None:
                 a = found.attempt
-                keys = tuple((a.node, i) for i in a.gpus)
                 self.running[found.name] = Running(
-                    exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at,
+                    exp, found.handle, a.id, a.number, a.keys, a.budget_bytes, a.started_at,
                     preempt_signal({**self._base_env, **exp.env}),
                     resumed_time_s([p for p in self.store.attempts(exp.name) if p.number < a.number], A_INTERRUPTED),
+                    node=a.nodes[0],
                 )
         for name, took_s, peak_bytes in self.store.succeeded_runs():
             exp = self.by_name.get(name)
@@ -175,7 +178,8 @@ class Engine:
                 self.states[name] = PENDING
         done = sum(1 for s in self.states.values() if s == SUCCEEDED)
         interrupted = sum(1 for s in self.states.values() if s == INTERRUPTED)
-        parts = [f"{len(self.states)} experiments on {len(self.inventory)} GPUs"]
+        nodes = len({g.node for g in self.inventory})
+        parts = [f"{len(self.states)} experiments on {len(self.inventory)} GPUs" + (f" of {nodes} nodes" if nodes > 1 else "")]
         if done:
             parts.append(f"{done} already succeeded (skipped)")
         if interrupted:
@@ -302,7 +306,7 @@ class Engine:
                 exclusive=r.exp.exclusive,
                 observed_bytes=observed,
                 cpus=r.exp.cpus,
-                node=self.inventory[0].node if self.inventory else "",
+                node=r.node or (self.inventory[0].node if self.inventory else ""),
                 expected_end_s=(r.started_at + r.exp.time_s) if r.exp.time_s is not None else None,
                 util=r.exp.util,
             )
@@ -348,22 +352,29 @@ class Engine:
         # expected end should not include the scheduling work done before it in the tick.
         now = self.clock()
         exp = self.by_name[placement.name]
-        keys = tuple((placement.node, i) for i in placement.gpus)
-        cuda_ids = tuple(self.cuda_ids[k] for k in keys)
+        keys = placement.keys
+        cuda_ids = tuple(self.cuda_ids[(placement.node, i)] for i in placement.gpus)  # the same on each node
         previous = self.store.attempts(exp.name)  # one read for the number and the resume flag
         number = max((a.number for a in previous), default=0) + 1
         resume = bool(previous) and previous[-1].state == A_INTERRUPTED
         resumed_s = resumed_time_s(previous, A_INTERRUPTED)  # they count in its duration
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
+        node_text = ",".join(placement.nodes) or placement.node  # "n1,n2": README "status"
         attempt_id = self.store.begin_attempt(
-            exp.name, number, self.run_id, placement.node, placement.gpus, str(log_path), budget, now
+            exp.name, number, self.run_id, node_text, placement.gpus, str(log_path), budget, now
         )
+        port = None
+        if placement.nodes:
+            port = free_port({r.master_port for r in self.running.values() if r.master_port is not None})
         env = experiment_env(
             self._base_env, exp.env, name=exp.name, run_dir=self.manifest.run_dir, out_dir=exp.out_dir,
-            attempt=number, resume=resume, cuda_ids=cuda_ids,
+            attempt=number, resume=resume, cuda_ids=cuda_ids, nodes=placement.nodes, master_port=port,
         )
-        spec = LaunchSpec(exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus)
+        spec = LaunchSpec(
+            exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus,
+            placement.nodes,
+        )
         try:
             handle = self.launcher.launch(spec)  # creates {out} (the log lives there)
         except OSError as exc:
@@ -372,11 +383,12 @@ class Engine:
             self.states[exp.name] = FAILED
             return
         extra = ", resuming" if resume else ""
-        started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
+        started = f"{exp.name} started on {self._where(keys)} (attempt {number}{extra})"
         self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
         self.running[exp.name] = Running(
-            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s
+            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s,
+            node=placement.node, master_port=port,
         )
 
     def _reap(self, now: float) -> None:
@@ -398,7 +410,7 @@ class Engine:
         self.launcher.ended(name)
         usage = (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
         took = format_duration(now - r.started_at)
-        where = _where_keys(r.gpus)
+        where = self._where(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded and why is None:
             self.learned.add(exp.template, r.resumed_s + now - r.started_at, r.peak_bytes or None)
@@ -526,12 +538,23 @@ class Engine:
     def _event(self, kind: str, name: str | None, message: str) -> None:
         self.store.event(kind, name, message, self.clock())
 
+    def _where(self, keys: tuple[GpuKey, ...]) -> str:
+        """'gpu0,gpu1' on one node; 'n2:gpu1' among several; 'n1,n2:gpu0-3' across nodes."""
+        if not keys:
+            return "cpu"
+        nodes = list(dict.fromkeys(k[0] for k in keys))
+        indices = sorted({k[1] for k in keys})
+        if len(nodes) > 1 and indices == list(range(indices[0], indices[-1] + 1)) and len(indices) > 2:
+            return f"{','.join(nodes)}:gpu{indices[0]}-{indices[-1]}"
+        gpus = ",".join(f"gpu{i}" for i in indices)
+        return f"{','.join(nodes)}:{gpus}" if self.several_nodes else gpus
+
 
 def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = None) -> policy.Request:
     return policy.Request(
         name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
         mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
-        resumable=e.resumable, depends_on=e.depends_on, util=e.util,
+        resumable=e.resumable, depends_on=e.depends_on, util=e.util, nodes=e.nodes,
     )
 
 
@@ -550,16 +573,9 @@ def _row(e: Experiment) -> ExperimentRow:
     spec = {
         "gpus": e.gpus, "mem_bytes": e.mem_bytes, "time_s": e.time_s, "cpus": e.cpus,
         "exclusive": e.exclusive, "resumable": e.resumable, "util": e.util, "retries": e.retries,
+        **({"nodes": e.nodes} if e.nodes > 1 else {}),  # a one-node row stays as it was: no resync
     }
     return ExperimentRow(e.name, e.phase, e.template, e.order, e.fingerprint, PENDING, None, spec, dict(e.params), True)
-
-
-def _where(p: policy.Placement) -> str:
-    return ",".join(f"gpu{i}" for i in p.gpus) if p.gpus else "cpu"
-
-
-def _where_keys(keys: tuple[GpuKey, ...]) -> str:
-    return ",".join(f"gpu{k[1]}" for k in keys) if keys else "cpu"
 
 
 def _gpus_text(inventory: list[GpuInfo]) -> str:

@@ -90,7 +90,7 @@ class RunFacts:
         return max(attempt.started_at, self.windows[-1].end if self.windows else attempt.started_at)
 
     def attempt_keys(self, attempt: AttemptRow) -> list[GpuKey]:
-        return [gpu_key(self.gpus, attempt.node, g) for g in attempt.gpus]
+        return [gpu_key(self.gpus, n, g) for n, g in attempt.keys]
 
     def wall_s(self, key: GpuKey | None = None) -> float:
         """Allocated time: of the whole run, or of the runs that had this GPU."""
@@ -124,8 +124,8 @@ def load_facts(store: Store) -> RunFacts:
     for _t, node, index, _util, _used, total in samples:
         gpus.setdefault((node, index), {"name": "", "total_bytes": total})
     for a in attempts:
-        for g in a.gpus:
-            gpus.setdefault(gpu_key(gpus, a.node, g), {"name": "", "total_bytes": None})
+        for n, g in a.keys:
+            gpus.setdefault(gpu_key(gpus, n, g), {"name": "", "total_bytes": None})
     return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())))
 
 

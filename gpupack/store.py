@@ -153,6 +153,17 @@ class AttemptRow:
     oom: bool
     note: str | None
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Its node, or a multi-node attempt's nodes in rank order (`node` holds "n1,n2"; `gpus`
+        are then the indices it used on each)."""
+        return tuple(self.node.split(","))
+
+    @property
+    def keys(self) -> tuple[tuple[str, int], ...]:
+        """Every (node, GPU index) it used."""
+        return tuple((n, i) for n in self.nodes for i in self.gpus)
+
 
 @dataclass(frozen=True)
 class EventRow:

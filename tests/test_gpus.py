@@ -138,6 +138,33 @@ def test_simulated_usage_is_the_budgets_of_running_experiments():
     assert [g.util_percent for g in light.gpus] == [30.0, 100.0]
 
 
+@pytest.mark.parametrize(
+    "spec, nodes",
+    [
+        ("4x80GB", {"vm": [80, 80, 80, 80]}),  # one node, named by the caller
+        ("1x2x80GB", {"vm": [80, 80]}),
+        ("2x40GB,1x80GB", {"vm": [40, 40, 80]}),
+        ("2x2x80GB", {"n1": [80, 80], "n2": [80, 80]}),
+        ("2x80GB+1x40GB", {"n1": [80, 80], "n2": [40]}),
+        ("2X1x80GB + 3*40", {"n1": [80], "n2": [80], "n3": [40, 40, 40]}),
+    ],
+)
+def test_gpu_spec_nodes_x_gpus_x_size(spec: str, nodes: dict[str, list[int]]) -> None:
+    found: dict[str, list[int]] = {}
+    for g in parse_gpu_spec(spec, "vm"):
+        assert g.index == len(found.get(g.node, [])) and g.cuda_id == str(g.index)  # counted per node
+        found.setdefault(g.node, []).append(g.total_bytes // GB)
+    assert found == nodes
+
+
+def test_gpu_spec_names_simulated_nodes_after_the_allocation_and_refuses_bad_forms() -> None:
+    assert [g.node for g in parse_gpu_spec("2x1x80GB", "a", ["a", "b"])] == ["a", "b"]
+    assert [g.node for g in parse_gpu_spec("3x1x80GB", "a", ["a", "b"])] == ["n1", "n2", "n3"]  # too few names
+    for bad in ("2x4x80GB,2x40GB", "0x4x80GB", "2x0x80GB", "2x2x2x80GB", "4x80GB+", "2000x1x80GB"):
+        with pytest.raises(GpuSpecError, match="--gpus: bad GPU spec"):
+            parse_gpu_spec(bad, "n")
+
+
 # --- an NVML double on nvidia-ml-py's own error classes: failures, MIG, attribution ---------------
 
 
