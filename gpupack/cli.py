@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    gpus_help = "simulated GPUs instead of NVML, e.g. 4x80GB (also env GPUPACK_GPUS)"
+    spec = "GPUSxSIZE (4x80GB: one node) or NODESxGPUSxSIZE (2x4x80GB: 2 nodes of 4); '+' joins kinds of node"
+    gpus_help = f"simulated GPUs instead of NVML: {spec} (also env GPUPACK_GPUS)"
 
     p = sub.add_parser("run", help="run a manifest", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", type=Path)
@@ -44,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--srun-mode", choices=("auto", "gres-none", "overlap"), help="how job steps get their GPUs under Slurm (default auto; env GPUPACK_SRUN_MODE; see slurm/README.md)")
     p.add_argument("--max-requeues", type=int, default=10, metavar="N", help="requeue the Slurm job at most N times (default 10)")
     p.add_argument("--no-report", action="store_true", help="do not write report/ at the end")
+    p.add_argument("--state-dir", type=Path, metavar="DIR", default=os.environ.get("GPUPACK_STATE_DIR") or None,
+                   help="keep the live database on this node-local disk, copied back into the run directory every tick "
+                   "and at the end (env GPUPACK_STATE_DIR; README \"The run directory\")")
 
     p = sub.add_parser("plan", help="predict a manifest's timeline with the run's own policy, without running")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--gpus", metavar="SPEC", help="the GPUs to plan for (default 4x80GB, or env GPUPACK_GPUS)")
+    p.add_argument("--gpus", metavar="SPEC", help=f"the GPUs to plan for: {spec} (default 4x80GB, or env GPUPACK_GPUS)")
     p.add_argument("--time", metavar="DURATION", help="the allocation's length, e.g. 24h: what would not fit")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -87,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 commands.RunArgs(
                     manifest=args.manifest, gpus=args.gpus, poll_s=args.poll, grace_s=args.grace,
                     log_every_s=args.log_every, headroom=args.headroom, srun_mode=args.srun_mode,
-                    max_requeues=args.max_requeues, report=not args.no_report,
+                    max_requeues=args.max_requeues, report=not args.no_report, state_dir=args.state_dir,
                     argv=tuple(_run_argv(argv)),
                 ),
                 new_console(),

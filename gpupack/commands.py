@@ -49,6 +49,7 @@ class RunArgs:
     srun_mode: str | None = None
     max_requeues: int = 10
     report: bool = True
+    state_dir: Path | None = None  # the live database on node-local disk (statedir.py)
     argv: tuple[str, ...] = ()  # the arguments of `run`, for resubmitting the same job
 
 
@@ -59,11 +60,13 @@ def new_console() -> Console:
     return Console(highlight=False)
 
 
-def _load_manifest(path: Path) -> manifest_mod.Manifest:
+def _load_manifest(path: Path, inventory: Sequence[Any] = ()) -> manifest_mod.Manifest:
+    """The manifest; a `nodes: K` experiment without `gpus` takes every GPU of a node of `inventory`."""
     from . import manifest as manifest_mod
+    from .gpus import node_gpus
 
     try:
-        return manifest_mod.load(path)
+        return manifest_mod.load(path, node_gpus=node_gpus(inventory))
     except manifest_mod.ManifestError as exc:
         raise GpupackError(str(exc)) from None
 
@@ -97,7 +100,8 @@ def run(args: RunArgs, console: Console) -> int:
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
         probe, note = open_probe(
-            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0,
+            names=allocation.nodes if allocation else (),
         )
     except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
@@ -113,6 +117,8 @@ def run(args: RunArgs, console: Console) -> int:
         probe = pool
         notes += left_out
     inventory = probe.inventory()
+    if any(e.nodes > 1 for e in manifest.experiments):  # whole nodes: `gpus` is a node's count
+        manifest = _load_manifest(args.manifest, inventory)
     headroom = 0
     if args.headroom:
         try:
@@ -126,8 +132,16 @@ def run(args: RunArgs, console: Console) -> int:
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
     with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
+        db_path = manifest.run_dir / "state.db"
+        if args.state_dir is not None:
+            from . import statedir
+
+            try:
+                db_path = statedir.prepare(args.state_dir, manifest.run_dir)
+            except statedir.StateDirError as exc:
+                raise GpupackError(str(exc)) from None
         try:
-            store = Store(manifest.run_dir / "state.db")
+            store = Store(db_path)
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
         if allocation is not None:
@@ -149,7 +163,7 @@ def run(args: RunArgs, console: Console) -> int:
 
         store.set_meta({"log_every": str(args.log_every_s)})
         board = Dashboard(store, manifest.run_dir, console, live=console.is_terminal, log_every_s=args.log_every_s)
-        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s)
+        publisher = Publisher(manifest.run_dir, store, args.poll_s, hooks.job_id, args.log_every_s, args.state_dir)
 
         def on_tick(now: float) -> None:
             board.refresh(now)
@@ -184,6 +198,14 @@ def run(args: RunArgs, console: Console) -> int:
         if args.report:
             _write_report(manifest.run_dir, store, console)
         store.close()
+        if args.state_dir is not None:
+            if publisher.copy_error is not None:
+                console.print(
+                    f"warning: {manifest.run_dir / 'state.db'} is not up to date ({publisher.copy_error}); "
+                    f"the run's state is in {db_path}: the next `gpupack run --state-dir` on this node uses it",
+                    highlight=False, soft_wrap=True,
+                )
+            statedir.finish(db_path, copied=publisher.copy_error is None)
         return code
 
 
@@ -211,14 +233,14 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
     problems = []
-    reasons: dict[tuple[int, int | None, int], str | None] = {}  # a 10,000-run grid has a few shapes
+    reasons: dict[tuple[int, int | None, int, int], str | None] = {}  # a 10,000-run grid has a few shapes
     for exp in manifest.experiments:
-        shape = (exp.gpus, exp.mem_bytes, exp.cpus)  # all that unfit_reason looks at
+        shape = (exp.gpus, exp.mem_bytes, exp.cpus, exp.nodes)  # all that unfit_reason looks at
         if shape not in reasons:
             reasons[shape] = policy.unfit_reason(engine_mod.request_for(exp, exp.mem_bytes), snaps, headroom)
         why = reasons[shape]
         if why:
-            field = "gpus" if "GPU" in why and "memory" not in why else "mem"
+            field = "nodes" if "whole nodes of" in why else "gpus" if "GPU" in why and "memory" not in why else "mem"
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
@@ -244,19 +266,19 @@ def plan(
     from .gpus import GpuSpecError, parse_gpu_spec
     from .simulate import MAX_EXPERIMENTS, plan_data, render_plan
 
-    manifest = _load_manifest(manifest_path)
-    if len(manifest.experiments) > MAX_EXPERIMENTS:
-        raise GpupackError(
-            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
-            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
-            "shapes: `gpupack run` has no such limit"
-        )
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
         inventory = parse_gpu_spec(spec, "node")
         limit = manifest_mod.parse_duration(time_limit) if time_limit else None
     except (GpuSpecError, ValueError) as exc:
         raise GpupackError(str(exc) if isinstance(exc, GpuSpecError) else f"--time: {exc}") from None
+    manifest = _load_manifest(manifest_path, inventory)
+    if len(manifest.experiments) > MAX_EXPERIMENTS:
+        raise GpupackError(
+            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
+            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
+            "shapes: `gpupack run` has no such limit"
+        )
     _refuse_unfit(manifest, inventory, 0)
     data = plan_data(manifest, inventory, limit)
     if as_json:
@@ -268,7 +290,8 @@ def plan(
 
 
 def _check_run_dir(run_dir: Path) -> None:
-    if not (run_dir / "state.db").is_file():
+    # status.json alone: a scheduler with --state-dir before its first copy into the run directory
+    if not (run_dir / "state.db").is_file() and not (run_dir / "status.json").is_file():
         raise GpupackError(f"{run_dir}: not a gpupack run directory (no state.db)")
 
 

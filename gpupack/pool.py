@@ -248,10 +248,11 @@ def for_allocation(
     in), the watch of lost nodes it shares with the launcher, and one line per node left out."""
     batch = allocation.batch_node or allocation.nodes[0]
     if spec and isinstance(local, SimulatedProbe):
-        local = SimulatedProbe(_reader.simulated_node(spec, batch, env))
+        local = SimulatedProbe(_reader.simulated_node(spec, batch, env, allocation.nodes))
     watch = NodeWatch(allocation.job_id, allocation.nodes)
     readers = [
-        NodeReader(node, reader_argv(node, python, every_s, run_dir, spec, node_gpus=_held(allocation, node)), srun_env(env))
+        NodeReader(node, reader_argv(node, python, every_s, run_dir, spec, _held(allocation, node), allocation.nodes),
+                   srun_env(env))
         for node in allocation.nodes
         if node != batch
     ]

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -37,13 +39,16 @@ from typing import Any
 
 from .dashboard import GpuView, Occupant, PhaseView, View, build_view
 from .status import status_data
-from .store import EventRow, Store
+from .store import EventRow, Store, StoreError
 
 FORMAT = 1
 STATUS_FILE = "status.json"
 EVENTS_FILE = "events.log"
 PUBLISHED_DB = "snapshot.db"
 MIN_PUBLISH_INTERVAL_S = 1.0
+STATUS_EVERY_S = 30.0  # the status is rebuilt at least this often even when no attempt or state changed
+SNAPSHOT_DB_EVERY_S = 60.0  # snapshot.db: `results`/`report` elsewhere may be a minute behind
+COPY_DUTY = 10  # the next database copy waits at least ten times as long as the last one took
 # A reader calls the writer gone after this many heartbeat intervals without one (and never
 # sooner than GONE_MIN_S: clocks of two hosts and NFS attribute caches differ by a few seconds).
 GONE_AFTER_INTERVALS = 3
@@ -60,19 +65,35 @@ def gone_after_s(interval_s: float) -> float:
     return max(GONE_MIN_S, GONE_AFTER_INTERVALS * interval_s)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, rename: a reader on any host sees the old
-    file or the new one, never a part."""
+def write_atomic(path: Path, data: bytes | Path) -> None:
+    """`data` (bytes, or a file's content) into a temporary file in the same directory, fsync,
+    rename: a reader on any host sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def copy_database(store: Store, dest: Path, scratch_dir: Path) -> None:
+    """store -> dest: SQLite's online backup into scratch_dir (a local disk: SQLite never locks a
+    file on the network file system), then copied beside dest, fsynced and renamed over it."""
+    fd, local = tempfile.mkstemp(dir=scratch_dir, prefix=".gpupack-copy-", suffix=".db")
+    os.close(fd)
+    try:
+        store.backup_to(Path(local))
+        write_atomic(dest, Path(local))
+    finally:
+        Path(local).unlink(missing_ok=True)
 
 
 # --- the view as JSON (the dashboard renders the same View from either source) --------------
@@ -89,7 +110,8 @@ def view_from_json(data: dict[str, Any]) -> View:
         sampled_at=data["sampled_at"], eta_s=data["eta_s"], unestimated=int(data["unestimated"]),
         phases=tuple(PhaseView(p["name"], dict(p["counts"])) for p in data["phases"]),
         gpus=tuple(
-            GpuView(g["label"], g["util_pct"], g["used_bytes"], g["total_bytes"], tuple(Occupant(**o) for o in g["occupants"]))
+            GpuView(g["label"], g["util_pct"], g["used_bytes"], g["total_bytes"], tuple(Occupant(**o) for o in g["occupants"]),
+                    str(g.get("unavailable", "")))
             for g in data["gpus"]
         ),
         events=tuple(EventRow(**e) for e in data["events"]),
@@ -142,16 +164,30 @@ class Publisher:
     `close(exit_code)` at the end. Writes are best-effort: a full or flaky file system must not
     stop the run, whose truth is the database."""
 
-    def __init__(self, run_dir: Path, store: Store, poll_s: float, job_id: str | None, log_every_s: float = 60.0):
+    def __init__(
+        self, run_dir: Path, store: Store, poll_s: float, job_id: str | None, log_every_s: float = 60.0,
+        state_dir: Path | None = None,
+    ):
+        """state_dir: the live database is there, on node-local disk (--state-dir), and the run
+        directory's state.db is its copy, renewed every tick (as often as COPY_DUTY allows) and
+        at the end; without it, snapshot.db is renewed every SNAPSHOT_DB_EVERY_S for `results`
+        and `report` on other hosts, and removed at the end."""
         self.run_dir = Path(run_dir)
         self.store = store
+        self.state_dir = state_dir
+        self.copy_to = self.run_dir / ("state.db" if state_dir is not None else PUBLISHED_DB)
+        self._copy_every_s = 0.0 if state_dir is not None else SNAPSHOT_DB_EVERY_S
+        self._next_copy = float("-inf")
+        self.copy_error: str | None = None
         self.interval_s = heartbeat_interval(poll_s)
         self.log_every_s = log_every_s
         self.heartbeat: dict[str, Any] = {
             "host": socket.gethostname(), "pid": os.getpid(), "job_id": job_id or None,
             "written_at": 0.0, "interval_s": self.interval_s, "db": str(Path(store.path).resolve()),
         }
-        self._payload: dict[str, Any] | None = None
+        self._parts: dict[str, str] = {}  # the document's big members, serialized once per build
+        self._status_mark: str | None = None
+        self._status_built = float("-inf")
         self._last_build = float("-inf")
         self._last_write = float("-inf")
         self._lock = threading.Lock()
@@ -163,25 +199,46 @@ class Publisher:
         self._ended: dict[str, Any] | None = None
 
     def start(self, now: float | None = None) -> None:
-        self.tick(time.time() if now is None else now, force=True)
+        # The heartbeat at once; the first database copy at the first tick, after the manifest
+        # has been synced and survivors recovered.
+        self.tick(time.time() if now is None else now, force=True, copy=False)
         self._thread = threading.Thread(target=self._beat, name="gpupack-heartbeat", daemon=True)
         self._thread.start()
 
-    def tick(self, now: float, force: bool = False) -> None:
+    def tick(self, now: float, force: bool = False, copy: bool = True) -> None:
         """Publish what changed: new events every tick, the status at most once per second."""
         self._append_events()
         if not force and now - self._last_build < MIN_PUBLISH_INTERVAL_S:
             return
         self._last_build = now
-        payload = {
-            "format": FORMAT,
-            "status": status_data(self.store, self.store.meta().get("run_name", self.run_dir.name)),
-            "view": view_to_json(build_view(self.store, now)),
-            "log_every_s": self.log_every_s,
-        }
+        parts = dict(self._parts)
+        # The status of 10,000 experiments costs tens of milliseconds to build and serialize:
+        # rebuilt only when an attempt or a state changed (or, for reasons, every STATUS_EVERY_S).
+        mark = self.store.change_mark()
+        if force or mark != self._status_mark or now - self._status_built >= STATUS_EVERY_S:
+            status = status_data(self.store, self.store.meta().get("run_name", self.run_dir.name))
+            parts["status"] = json.dumps(status, separators=(",", ":"))
+            self._status_mark, self._status_built = mark, now
+        parts["view"] = json.dumps(view_to_json(build_view(self.store, now)), separators=(",", ":"))
         with self._lock:
-            self._payload = payload
+            self._parts = parts
             self._write_locked()
+        if copy and now >= self._next_copy:
+            self._copy(now)
+
+    def _copy(self, now: float) -> bool:
+        started = time.monotonic()
+        try:
+            copy_database(self.store, self.copy_to, self.state_dir or Path(tempfile.gettempdir()))
+        except (OSError, sqlite3.Error, StoreError) as exc:
+            if self.copy_error is None:  # once per streak of failures, not every second
+                self.store.event("warn", None, f"could not copy the database to {self.copy_to}: {exc}", now)
+            self.copy_error = str(exc)
+            self._next_copy = now + max(self._copy_every_s, MIN_PUBLISH_INTERVAL_S)
+            return False
+        self.copy_error = None
+        self._next_copy = now + max(self._copy_every_s, MIN_PUBLISH_INTERVAL_S, COPY_DUTY * (time.monotonic() - started))
+        return True
 
     def close(self, exit_code: int, now: float | None = None) -> None:
         """The last snapshot says the run ended, so readers stop at once instead of waiting for
@@ -191,6 +248,11 @@ class Publisher:
             self._thread.join()
         now = time.time() if now is None else now
         self._ended = {"at": now, "exit_code": exit_code}
+        if self.state_dir is None:
+            self._next_copy = float("inf")
+            self.copy_to.unlink(missing_ok=True)  # state.db itself is whole again: no second copy to go stale
+        else:
+            self._next_copy = float("-inf")  # the last copy back is the one that matters most
         try:
             self.tick(now, force=True)
         except Exception:  # noqa: BLE001  the database may be what failed; say at least that we ended
@@ -205,11 +267,15 @@ class Publisher:
 
     def _write_locked(self) -> None:
         now = time.time()
-        doc: dict[str, Any] = {"format": FORMAT, **(self._payload or {})}
-        doc["heartbeat"] = {**self.heartbeat, "written_at": now}
-        doc["ended"] = self._ended
+        small = {
+            "format": FORMAT, "log_every_s": self.log_every_s, "heartbeat": {**self.heartbeat, "written_at": now},
+            "ended": self._ended,
+        }
+        # The heartbeat thread rewrites the document every interval: the big members go in as
+        # they were serialized at the last tick.
+        text = json.dumps(small, separators=(",", ":"))[:-1] + "".join(f',"{k}":{v}' for k, v in self._parts.items()) + "}"
         try:
-            write_atomic(self.run_dir / STATUS_FILE, json.dumps(doc, separators=(",", ":")).encode())
+            write_atomic(self.run_dir / STATUS_FILE, text.encode())
             self._last_write = now
         except OSError:
             pass  # best-effort: readers then see an older heartbeat, and say so if it grows stale

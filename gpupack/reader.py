@@ -108,7 +108,7 @@ def writer_of(doc: dict[str, Any] | None) -> Writer | None:
 # --- the database, read-only and without side effects -------------------------------------
 
 
-def _open_file(path: Path, writer_here: bool) -> Store:
+def open_file(path: Path, writer_here: bool) -> Store:
     if not path.is_file():
         raise StoreError(f"{path}: no such state database")
     wal = Path(f"{path}-wal")
@@ -143,16 +143,16 @@ def open_database(run_dir: Path, now: float | None = None) -> Store:
     if writer is not None and writer.alive(now):
         live = Path(writer.db) if writer.db else run_dir / DB_FILE
         if writer.here:
-            return _open_file(live, writer_here=True)
+            return open_file(live, writer_here=True)
         # With --state-dir the run directory's state.db is itself the published copy.
         copy = run_dir / DB_FILE if live.resolve() != (run_dir / DB_FILE).resolve() else run_dir / PUBLISHED_DB
         if not copy.is_file():
             raise StoreError(
                 f"{run_dir}: the scheduler ({writer.who()}) runs on another host and has not published a "
-                "copy of its database yet; try again in a minute"
+                "copy of its database yet (it does at its first tick); try again in a few seconds"
             )
         return Store(copy, readonly=True, immutable=True)  # replaced by rename, never written in place
-    return _open_file(run_dir / DB_FILE, writer_here=False)
+    return open_file(run_dir / DB_FILE, writer_here=False)
 
 
 # --- what status and watch read -------------------------------------------------------------

@@ -30,7 +30,8 @@ def node_failures(text: str) -> set[str]:
 
 
 def reader_argv(
-    node: str, python: str, every_s: float, run_dir: str, gpus: str | None = None, node_gpus: int | None = None
+    node: str, python: str, every_s: float, run_dir: str, gpus: str | None = None, node_gpus: int | None = None,
+    nodes: Sequence[str] = (),
 ) -> list[str]:
     """The reader step on `node`: JSON lines on its stdout (gpupack._reader). `node_gpus`: the
     job's GPU count there; the step holds them all (`--overlap`, so do the experiments' steps),
@@ -43,7 +44,7 @@ def reader_argv(
         "--mem=0", "--export=ALL", python, "-m", "gpupack._reader", "--node", node, "--every", f"{every_s:g}",
         "--run-dir", run_dir,
     ]
-    return argv + (["--gpus", gpus] if gpus else [])
+    return argv + (["--gpus", gpus, "--nodes", ",".join(nodes)] if gpus else [])
 
 
 def srun_env(env: Mapping[str, str]) -> dict[str, str]:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 
 from gpupack import reader
 from gpupack.publish import gone_after_s, heartbeat_interval
+from test_crash import DURATIONS, _manifest as storm_manifest
 from conftest import RECORD, ROOT, alive, gpupack_env, seen, started, status, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -42,6 +44,20 @@ import sqlite3, sys
 def refuse(*args, **kwargs):
     raise SystemExit(f"reader opened a database: {args}")
 sqlite3.connect = refuse
+from gpupack.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+# A reader that may open only published copies of the database (immutable, replaced by rename).
+ONLY_COPIES = """
+import sqlite3, sys
+real = sqlite3.connect
+def guarded(database, *args, **kwargs):
+    if "immutable=1" not in str(database):
+        raise SystemExit(f"reader opened a live database: {database}")
+    return real(database, *args, **kwargs)
+sqlite3.connect = guarded
 from gpupack.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -90,11 +106,18 @@ def test_a_reader_on_another_host_follows_the_run_from_the_snapshot(write_manife
         data = json.loads(out)
         assert data["source"] == "snapshot" and data["run"] == "remote"
         assert data["scheduler"].startswith(f"scheduler (pid {sched.pid} on compute-1) alive")
+        wait_for((run_dir / "snapshot.db").exists, timeout=60, what="the first database copy")
+        for args in (("results", str(run_dir)), ("report", str(run_dir), "--out", str(tmp_path / "report"))):
+            done = subprocess.run([sys.executable, "-c", ONLY_COPIES, *args], env=ENV, cwd=ROOT, capture_output=True,
+                                  text=True, timeout=120)
+            assert done.returncode == 0, done.stderr  # from snapshot.db, a minute behind at most
+        assert json.loads((tmp_path / "report" / "summary.json").read_text())["experiments"]
         log = tmp_path / "watch.log"
         with log.open("w") as f:
             watch = no_db_reader("watch", str(run_dir), "--interval", "0.2", stdout=f, stderr=subprocess.STDOUT)
             assert watch.wait(timeout=120) == 0, log.read_text()
         assert sched.wait(timeout=60) == 0
+        assert not (run_dir / "snapshot.db").exists()  # the run is over: state.db is whole again
     finally:
         if sched.poll() is None:
             sched.kill()
@@ -177,11 +200,70 @@ def _leads_group(pid: int) -> bool:
         return False
 
 
+def test_state_dir_keeps_the_live_database_on_the_node_and_the_run_directory_current(write_manifest, tmp_path: Path) -> None:
+    from gpupack import statedir
+
+    m = write_manifest(f"""
+        name: local
+        phases:
+          - name: p
+            experiments:
+              - name: quick
+                cmd: {RECORD} 0.1
+                mem: 10GB
+              - name: long
+                cmd: {RECORD} 120 --resumed-seconds 0.2
+                mem: 10GB
+                resumable: true
+        """)
+    run_dir = tmp_path / "runs" / "local"
+    node1, node2 = tmp_path / "node1-tmp", tmp_path / "node2-tmp"
+    live = statedir.live_path(node1, run_dir)
+    sched = on_host("compute-1", "run", str(m), "--poll", str(POLL_S), "--no-report", "--state-dir", str(node1),
+                    stdout=subprocess.DEVNULL)
+    survivor = None
+    try:
+        wait_for(lambda: started(run_dir, "long").exists(), timeout=60, what="the experiment's start")
+        survivor = json.loads(started(run_dir, "long").read_text())["pid"]
+        wait_published(run_dir, sched.pid)
+        assert heartbeat(run_dir)["db"] == str(live.resolve())  # type: ignore[index]
+        assert Path(f"{live}-wal").exists()  # the live database: WAL, on the node
+
+        def copied_states() -> dict[str, str]:
+            if not (run_dir / "state.db").exists():
+                return {}
+            with closing(sqlite3.connect(f"file:{run_dir / 'state.db'}?immutable=1", uri=True)) as db:
+                return dict(db.execute("SELECT name, state FROM experiments"))
+
+        # The run directory's copy follows the run tick by tick; it is read immutable, never as WAL.
+        wait_for(lambda: copied_states() == {"quick": "succeeded", "long": "running"}, timeout=60, what="the copy")
+        done = subprocess.run([sys.executable, "-c", ONLY_COPIES, "results", str(run_dir)], env=ENV, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert not (run_dir / "state.db-wal").exists() and not (run_dir / "snapshot.db").exists()
+        sched.kill()  # kill -9 on node 1; the requeued job starts on node 2, with its own local disk
+        sched.wait()
+        again = on_host("compute-2", "run", str(m), "--poll", str(POLL_S), "--no-report", "--state-dir", str(node2),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = again.communicate(timeout=120)
+        assert again.returncode == 0, out
+        assert "long was lost with the previous scheduler on compute-1: it runs again" in out
+        assert "quick" not in out.split("run started", 1)[1].split("\n", 1)[1]  # skipped, not run again
+        assert seen(run_dir, "long", 2)["resume"] == "1"
+    finally:
+        if sched.poll() is None:
+            sched.kill()
+            sched.wait()
+        if survivor is not None and alive(survivor):
+            os.kill(survivor, signal.SIGKILL)
+    assert not statedir.live_path(node2, run_dir).exists()  # copied back at the end, then removed
+    db = sqlite3.connect(f"file:{run_dir / 'state.db'}?immutable=1", uri=True)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert dict(db.execute("SELECT name, state FROM experiments")) == {"quick": "succeeded", "long": "succeeded"}
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
 # --- 20 kill -9 of a scheduler while a reader on the other "host" polls ----------------------
-
-N = 24
-DURATIONS = [round(0.5 + 0.1 * i, 2) for i in range(N)]  # 0.5 .. 2.8 s, 8 at a time
-
 
 def _observations_hold(observed: list[tuple[int, dict[str, Any]]], final: dict[str, list[dict[str, Any]]]) -> None:
     """Every status the reader saw was true of the database at some moment: each attempt it
@@ -213,18 +295,7 @@ def _observations_hold(observed: list[tuple[int, dict[str, Any]]], final: dict[s
 
 
 def test_twenty_kills_never_show_a_reader_elsewhere_a_state_that_was_not(tmp_path: Path) -> None:
-    ledger = tmp_path / "ledger"
-    m = tmp_path / "storm.yaml"
-    m.write_text(f"""
-name: storm
-defaults: {{mem: 30GB, time: 1s, resumable: true}}
-phases:
-  - name: work
-    experiments:
-      - name: "job{{s}}"
-        cmd: bash {ROOT}/tests/bin/ledger.sh {ledger} {{name}} {{s}}
-        grid: {{s: {DURATIONS}}}
-""")
+    m = storm_manifest(tmp_path)  # 24 experiments of 0.3-1.45 s, 8 at a time
     run_dir = tmp_path / "runs" / "storm"
     observed: list[tuple[int, dict[str, Any]]] = []
     sources: list[str] = []

@@ -285,3 +285,10 @@ def test_a_simulated_node_has_the_gpus_the_job_holds_there(visible: str | None, 
     gpus = _reader.simulated_node("4x80GB", "n2", env)
     assert [g.cuda_id for g in gpus] == ids and [g.index for g in gpus] == list(range(len(ids)))
     assert all(g.node == "n2" and g.total_bytes == 80 * GB for g in gpus)
+
+
+def test_a_spec_of_several_nodes_gives_each_node_its_own() -> None:
+    names = ("g1", "g2")
+    assert [g.total_bytes for g in _reader.simulated_node("4x80GB+2x40GB", "g2", {}, names)] == [40 * GB] * 2
+    assert [g.total_bytes for g in _reader.simulated_node("4x80GB+2x40GB", "g1", {}, names)] == [80 * GB] * 4
+    assert len(_reader.simulated_node("4x80GB", "g2", {}, names)) == 4  # one node's spec: every node's

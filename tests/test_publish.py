@@ -188,3 +188,41 @@ def test_a_finished_run_is_read_immutable_without_side_files(run_dir: Path, tmp_
     finally:
         subprocess.run(["umount", str(mount)], check=False)
     assert sorted(p.name for p in run_dir.iterdir()) == ["exp", "state.db"]  # no -wal, no -shm created
+
+
+def test_state_dir_restores_from_the_run_directory_unless_this_node_got_further(run_dir: Path, tmp_path: Path) -> None:
+    from gpupack import statedir
+
+    def messages(path: Path) -> list[str]:
+        store = Store(path, readonly=True)
+        try:
+            return [e.message for e in store.events()]
+        finally:
+            store.close()
+
+    local = tmp_path / "node-local"
+    live = statedir.prepare(local, run_dir)
+    assert live.parent == local and messages(live) == messages(run_dir / "state.db")
+    store = Store(live)  # this node got further: a scheduler killed here after its last copy back
+    store.event("info", None, "only on this node", NOW + 5)
+    store.close()
+    assert statedir.prepare(local, run_dir) == live
+    assert messages(live)[-1] == "only on this node"
+    store = Store(run_dir / "state.db")  # the run directory got further: a run on another node since
+    store.begin_run(2, "compute-9", None, "", NOW + 10)
+    store.event("info", None, "from another node", NOW + 11)
+    store.close()
+    statedir.prepare(local, run_dir)
+    assert messages(live)[-1] == "from another node"
+    assert not Path(f"{run_dir / 'state.db'}-wal").exists()  # never left beside the copies that replace it
+
+
+def test_the_database_copy_is_whole_and_needs_no_wal(run_dir: Path, tmp_path: Path) -> None:
+    store = Store(run_dir / "state.db")
+    publish.copy_database(store, tmp_path / "copy.db", tmp_path)
+    store.close()
+    copy = Store(tmp_path / "copy.db", readonly=True, immutable=True)
+    assert copy.integrity_ok() and len(copy.experiments()) == 9
+    assert copy._db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    copy.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "runs") == ["copy.db"]

@@ -216,3 +216,46 @@ def test_requeued_two_node_job_skips_what_finished(jobs: Jobs, tmp_path: Path, t
     assert "6 already succeeded (skipped)" in text[run2:] and "quick-0 started" not in text[run2:]
     assert {e["node"] for e in status.values()} == set(two_nodes)  # the first run used both nodes
 
+
+
+# --- one experiment on both nodes -------------------------------------------------------------
+
+GLOO = """\
+name: gloo
+phases:
+  - name: main
+    experiments:
+      - name: pair
+        nodes: 2
+        gpus: 4
+        mem: 10GB
+        time: 1m
+        cmd: "python3 {script}"
+      - name: "single-{{i}}"
+        gpus: 1
+        mem: 10GB
+        cmd: "{record} 0.2"
+        grid: {{i: [0, 1]}}
+"""
+
+
+def test_a_two_node_experiment_exchanges_a_value_through_gloo(jobs: Jobs, tmp_path: Path, two_nodes: list[str]) -> None:
+    pytest.importorskip("torch")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(GLOO.format(script=Path(__file__).parent / "bin" / "allreduce.py", record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest, sbatch_args=TWO_NODES)
+    log = tmp_path / f"gpupack-{job}.out"
+    wait_job_done(jobs, job, log, 240)
+    run_dir = tmp_path / "runs" / "gloo"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {e["state"] for e in status.values()} == {"succeeded"}, log.read_text()
+    ranks = [json.loads((run_dir / "exp" / "pair" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["sum"] for r in ranks] == [30.0, 30.0] and [r["world"] for r in ranks] == [2, 2]
+    nodes = status["pair"]["node"].split(",")
+    assert sorted(nodes) == sorted(two_nodes)
+    for r, seen_ in enumerate(ranks):
+        assert seen_["SLURMD_NODENAME"] == nodes[r]  # rank r on the r-th node of the placement
+        assert seen_["RANK"] == seen_["NODE_RANK"] == seen_["GPUPACK_NODE_RANK"] == str(r)
+        assert seen_["WORLD_SIZE"] == seen_["GPUPACK_NNODES"] == "2" and seen_["GPUPACK_NODES"] == ",".join(nodes)
+        assert seen_["MASTER_ADDR"] == "127.0.0.1"  # the first node's NodeAddr on the test cluster
+        assert seen_["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

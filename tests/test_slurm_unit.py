@@ -524,7 +524,7 @@ def test_node_address_and_reader_step() -> None:
     assert reader_argv("n2", "/venv/bin/python", 5.0, "/runs/x", "4x80GB", node_gpus=2) == [
         "srun", "--overlap", "-N1", "-n1", "--nodelist=n2", "--job-name=gpupack-reader", "--gpus=2", "--mem=0", "--export=ALL",
         "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--run-dir", "/runs/x",
-        "--gpus", "4x80GB",
+        "--gpus", "4x80GB", "--nodes", "",
     ]
 
 
