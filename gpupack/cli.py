@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    gpus_help = "simulated GPUs instead of NVML, e.g. 4x80GB (also env GPUPACK_GPUS)"
+    spec = "GPUSxSIZE (4x80GB: one node) or NODESxGPUSxSIZE (2x4x80GB: 2 nodes of 4); '+' joins kinds of node"
+    gpus_help = f"simulated GPUs instead of NVML: {spec} (also env GPUPACK_GPUS)"
 
     p = sub.add_parser("run", help="run a manifest", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", type=Path)
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="predict a manifest's timeline with the run's own policy, without running")
     p.add_argument("manifest", type=Path)
-    p.add_argument("--gpus", metavar="SPEC", help="the GPUs to plan for (default 4x80GB, or env GPUPACK_GPUS)")
+    p.add_argument("--gpus", metavar="SPEC", help=f"the GPUs to plan for: {spec} (default 4x80GB, or env GPUPACK_GPUS)")
     p.add_argument("--time", metavar="DURATION", help="the allocation's length, e.g. 24h: what would not fit")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 

@@ -60,11 +60,13 @@ def new_console() -> Console:
     return Console(highlight=False)
 
 
-def _load_manifest(path: Path) -> manifest_mod.Manifest:
+def _load_manifest(path: Path, inventory: Sequence[Any] = ()) -> manifest_mod.Manifest:
+    """The manifest; a `nodes: K` experiment without `gpus` takes every GPU of a node of `inventory`."""
     from . import manifest as manifest_mod
+    from .gpus import node_gpus
 
     try:
-        return manifest_mod.load(path)
+        return manifest_mod.load(path, node_gpus=node_gpus(inventory))
     except manifest_mod.ManifestError as exc:
         raise GpupackError(str(exc)) from None
 
@@ -98,7 +100,8 @@ def run(args: RunArgs, console: Console) -> int:
     fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
     try:
         probe, note = open_probe(
-            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0
+            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0,
+            names=allocation.nodes if allocation else (),
         )
     except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
@@ -114,6 +117,8 @@ def run(args: RunArgs, console: Console) -> int:
         probe = pool
         notes += left_out
     inventory = probe.inventory()
+    if any(e.nodes > 1 for e in manifest.experiments):  # whole nodes: `gpus` is a node's count
+        manifest = _load_manifest(args.manifest, inventory)
     headroom = 0
     if args.headroom:
         try:
@@ -228,14 +233,14 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
     problems = []
-    reasons: dict[tuple[int, int | None, int], str | None] = {}  # a 10,000-run grid has a few shapes
+    reasons: dict[tuple[int, int | None, int, int], str | None] = {}  # a 10,000-run grid has a few shapes
     for exp in manifest.experiments:
-        shape = (exp.gpus, exp.mem_bytes, exp.cpus)  # all that unfit_reason looks at
+        shape = (exp.gpus, exp.mem_bytes, exp.cpus, exp.nodes)  # all that unfit_reason looks at
         if shape not in reasons:
             reasons[shape] = policy.unfit_reason(engine_mod.request_for(exp, exp.mem_bytes), snaps, headroom)
         why = reasons[shape]
         if why:
-            field = "gpus" if "GPU" in why and "memory" not in why else "mem"
+            field = "nodes" if "whole nodes of" in why else "gpus" if "GPU" in why and "memory" not in why else "mem"
             problems.append(f"{manifest.path}: {exp.name}: {field}: {why}")
     if problems:
         raise GpupackError("\n".join(problems))
@@ -261,19 +266,19 @@ def plan(
     from .gpus import GpuSpecError, parse_gpu_spec
     from .simulate import MAX_EXPERIMENTS, plan_data, render_plan
 
-    manifest = _load_manifest(manifest_path)
-    if len(manifest.experiments) > MAX_EXPERIMENTS:
-        raise GpupackError(
-            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
-            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
-            "shapes: `gpupack run` has no such limit"
-        )
     spec = gpus or os.environ.get("GPUPACK_GPUS") or "4x80GB"
     try:
         inventory = parse_gpu_spec(spec, "node")
         limit = manifest_mod.parse_duration(time_limit) if time_limit else None
     except (GpuSpecError, ValueError) as exc:
         raise GpupackError(str(exc) if isinstance(exc, GpuSpecError) else f"--time: {exc}") from None
+    manifest = _load_manifest(manifest_path, inventory)
+    if len(manifest.experiments) > MAX_EXPERIMENTS:
+        raise GpupackError(
+            f"{manifest_path}: {len(manifest.experiments)} experiments, more than the {MAX_EXPERIMENTS} `gpupack plan` "
+            "simulates (its cost grows with the square of their number); plan a smaller grid of the same "
+            "shapes: `gpupack run` has no such limit"
+        )
     _refuse_unfit(manifest, inventory, 0)
     data = plan_data(manifest, inventory, limit)
     if as_json:

@@ -31,21 +31,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .report import GpuKey, gpu_key, gpu_label
 from .store import (
     A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
-    ExperimentRow, Store,
+    UNAVAILABLE_META, ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # rich is imported where something is drawn: the views' data (reader, publish) need none
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+    from rich.table import Table
 
 RECENT_EVENTS = 8
 _LEFT = (PENDING, RUNNING, INTERRUPTED)  # experiments whose work is still to do
@@ -72,6 +70,8 @@ class GpuView:
     used_bytes: int | None
     total_bytes: int | None
     occupants: tuple[Occupant, ...]
+    unavailable: str = ""  # why it takes no new experiment (readings failing, node lost)
+    node: str = ""  # rows are grouped by node when there are several
 
 
 @dataclass(frozen=True)
@@ -130,11 +130,17 @@ def build_view(store: Store, now: float) -> View:
     keys = list(inventory) + [k for k in sorted(latest) if k not in inventory]
     occupants: dict[GpuKey, list[Occupant]] = defaultdict(list)
     for a in running:
-        for index in a.gpus:
-            occupants[gpu_key(inventory or latest, a.node, index)].append(Occupant(a.experiment, a.budget_bytes, a.peak_bytes))
-    single = len({k[0] for k in keys}) <= 1
+        for node, index in a.keys:  # a multi-node attempt: its GPUs on each of its nodes
+            occupants[gpu_key(inventory or latest, node, index)].append(Occupant(a.experiment, a.budget_bytes, a.peak_bytes))
+    # Several nodes: rows grouped by node (a heading row each), so a GPU is labelled as on one node.
+    node_order = {n: i for i, n in enumerate(dict.fromkeys(n for n, _ in keys))}
+    keys.sort(key=lambda k: node_order[k[0]])
+    try:
+        unavailable = {str(k): str(v) for k, v in json.loads(meta.get(UNAVAILABLE_META) or "{}").items()}
+    except (ValueError, AttributeError):
+        unavailable = {}
     gpus = tuple(
-        GpuView(gpu_label(k, single), *latest[k], tuple(occupants.get(k, ())))
+        GpuView(gpu_label(k, True), *latest[k], tuple(occupants.get(k, ())), unavailable.get(f"{k[0]}:{k[1]}", ""), node=k[0])
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
@@ -225,6 +231,10 @@ def _header(view: View) -> str:
 
 
 def _phase_table(view: View, plain: bool) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("phase")
     table.add_column("progress")
@@ -258,19 +268,34 @@ def _memory(used: int | None, total: int | None) -> str:
 
 
 def _gpu_table(view: View, plain: bool) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("GPU")
     age = f" ({format_duration(view.now - view.sampled_at)} ago)" if view.sampled_at is not None else ""
     table.add_column(f"util{age}", no_wrap=True)
     table.add_column("memory used", no_wrap=True)
     table.add_column("occupants (peak/budget)", no_wrap=True)
+    several = len({g.node for g in view.gpus}) > 1
+    node = None
     for g in view.gpus:
+        if several and g.node != node:
+            node = g.node
+            busy = sum(1 for h in view.gpus if h.node == node and h.occupants)
+            count = sum(1 for h in view.gpus if h.node == node)
+            table.add_row(Text(f"node {node}", style="" if plain else "bold"), "", "", f"{busy} of {count} GPUs busy")
         used = g.used_bytes / g.total_bytes if g.used_bytes is not None and g.total_bytes else None
         util = Text("  ?" if g.util_pct is None else f"{g.util_pct:>3.0f}%")
         util.append(" " + _bar(None if g.util_pct is None else g.util_pct / 100, 10, plain), style="" if plain else "cyan")
         memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
         memory.append(_memory(g.used_bytes, g.total_bytes))
-        table.add_row(g.label, util, memory, "\n".join(_occupant(o) for o in g.occupants) or "-")
+        label = f"  {g.label}" if several else g.label
+        who = "\n".join(_occupant(o) for o in g.occupants) or "-"
+        if g.unavailable:
+            who = f"UNAVAILABLE: {g.unavailable}" + ("" if who == "-" else "\n" + who)
+        table.add_row(label, util, memory, who)
     return table
 
 
@@ -280,6 +305,10 @@ def event_line(event: EventRow) -> str:
 
 
 def live_renderable(view: View) -> RenderableType:
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.text import Text
+
     events = Text()
     for e in view.events:
         events.append(time.strftime("%H:%M:%S ", time.localtime(e.t)), style="dim")
@@ -294,6 +323,8 @@ def live_renderable(view: View) -> RenderableType:
 
 def plain_snapshot(view: View, width: int = SNAPSHOT_WIDTH) -> str:
     """The snapshot as ASCII text without escape codes (rendered by a console that has no colours)."""
+    from rich.console import Console
+
     buf = io.StringIO()
     console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False, emoji=False)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(view.now))
@@ -347,6 +378,8 @@ class Dashboard:
         now = time.time() if now is None else now
         self._last_event_id = self.source.first_event_id()
         if self.live:
+            from rich.live import Live
+
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
             self._live.start()
         self.refresh(now)
@@ -389,24 +422,24 @@ def status_table(data: dict[str, Any], now: float | None = None, console: Consol
     Laid out by hand as text (columns padded to their widest cell), not a rich Table: a Table
     measures every cell and took 7 s over 10,000 experiments; rich renders only the six states."""
     now = time.time() if now is None else now
-    nodes = {e["node"] for e in data["experiments"] if e["node"]}
+    several = len({e["node"] for e in data["experiments"] if e["node"]}) > 1
     today = time.localtime(now)[:3]
     rows = []
     for e in data["experiments"]:
-        gpus = ",".join(f"gpu{g}" for g in e["gpus"])
-        if len(nodes) > 1 and e["node"]:
-            gpus = f"{e['node']}:{gpus}"
+        gpus = _gpu_list(e["gpus"])
         start, end = e["started_at"], e["ended_at"]
         started = ""
         if start is not None:
             started = time.strftime("%H:%M:%S" if time.localtime(start)[:3] == today else "%m-%d %H:%M", time.localtime(start))
+        where = (e["node"] or "", gpus) if several else (gpus,)  # "n1,n2": a multi-node one's, in rank order
         rows.append((
-            e["name"], e["phase"], e["state"], str(e["attempts"]), gpus, started,
+            e["name"], e["phase"], e["state"], str(e["attempts"]), *where, started,
             "" if start is None else format_duration((end if end is not None else now) - start),
             "" if e["exit_code"] is None else str(e["exit_code"]), e.get("reason") or "",
         ))
-    header = ("experiment", "phase", "state", "tries", "GPUs", "started", "took", "exit", "reason")
-    right = {3, 6, 7}  # tries, took, exit
+    header = ("experiment", "phase", "state", "tries", *(("node",) if several else ()), "GPUs", "started", "took",
+              "exit", "reason")
+    right = {3, len(header) - 3, len(header) - 2}  # tries, took, exit
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
     widths[2] = max(widths[2], len(INTERRUPTED))
 
@@ -419,6 +452,8 @@ def status_table(data: dict[str, Any], now: float | None = None, console: Consol
         if state not in painted:
             painted[state] = cell(2, state)
             if console is not None and console.is_terminal and _STATE_STYLE.get(state):
+                from rich.text import Text
+
                 with console.capture() as capture:
                     console.print(Text(state, style=_STATE_STYLE[state]), end="")
                 painted[state] = capture.get() + painted[state][len(state):]
@@ -431,6 +466,17 @@ def status_table(data: dict[str, Any], now: float | None = None, console: Consol
     counts = Counter(r[2] for r in rows)
     lines.append(" ".join(f"{state} {counts[state]}" for state in _STATE_STYLE if counts[state]))
     return "\n".join(lines) + "\n"
+
+
+def _gpu_list(indices: Sequence[int]) -> str:
+    """'gpu0,gpu2'; a run of three or more as 'gpu0-3'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"gpu{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(f"gpu{i}" for i in r) for r in runs)
 
 
 def watch(run_dir: Path, console: Console, interval_s: float = 2.0) -> int:

@@ -9,6 +9,7 @@ job when work is left, and exits 3. A second signal skips the rest of the grace 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from . import policy, recovery
 from .estimates import Learned, oom_budget, resumed_time_s
 from .gpus import GpuInfo, GpuProbe, Reading
-from .launch import Handle, LaunchSpec, Launcher, experiment_env
+from .launch import Handle, LaunchSpec, Launcher, experiment_env, free_port
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
@@ -38,12 +39,13 @@ from .states import (
     WAITING,
     queue_state,
 )
-from .store import Event, ExperimentRow, Store, StoreError
+from .store import UNAVAILABLE_META, Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
+COMPACT_EVERY_S = 600.0
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Running:
     peak_bytes: int = 0
     util_sum: float = 0.0
     util_n: int = 0
+    node: str = ""  # its (first) node: where a CPU-only experiment's CPUs are
+    master_port: int | None = None  # a multi-node experiment's
 
 
 @dataclass
@@ -108,8 +112,11 @@ class Engine:
         self.run_id: int | None = None
         self.cuda_ids = {g.key: g.cuda_id for g in self.inventory}
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
+        self.several_nodes = len({g.node for g in self.inventory}) > 1
         self._last_sample = 0.0
+        self._last_compact = 0.0
         self._alloc_end: str | None = None
+        self._unavailable: dict[str, str] = {}  # "node:index" -> why it takes nothing new
         self.learned = Learned()
         # The scheduler's environment, read once: os.environ decodes every variable on each read.
         self._base_env = dict(os.environ)
@@ -152,11 +159,11 @@ class Engine:
             exp = self.by_name.get(found.name)
             if found.handle is not None and exp is not None:
                 a = found.attempt
-                keys = tuple((a.node, i) for i in a.gpus)
                 self.running[found.name] = Running(
-                    exp, found.handle, a.id, a.number, keys, a.budget_bytes, a.started_at,
+                    exp, found.handle, a.id, a.number, a.keys, a.budget_bytes, a.started_at,
                     preempt_signal({**self._base_env, **exp.env}),
                     resumed_time_s([p for p in self.store.attempts(exp.name) if p.number < a.number], A_INTERRUPTED),
+                    node=a.nodes[0],
                 )
         for name, took_s, peak_bytes in self.store.succeeded_runs():
             exp = self.by_name.get(name)
@@ -175,7 +182,8 @@ class Engine:
                 self.states[name] = PENDING
         done = sum(1 for s in self.states.values() if s == SUCCEEDED)
         interrupted = sum(1 for s in self.states.values() if s == INTERRUPTED)
-        parts = [f"{len(self.states)} experiments on {len(self.inventory)} GPUs"]
+        nodes = len({g.node for g in self.inventory})
+        parts = [f"{len(self.states)} experiments on {len(self.inventory)} GPUs" + (f" of {nodes} nodes" if nodes > 1 else "")]
         if done:
             parts.append(f"{done} already succeeded (skipped)")
         if interrupted:
@@ -213,6 +221,7 @@ class Engine:
                 track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
+            self._note_unavailable(reading)
             if self.signals.reason is not None:
                 return self._shutdown()
             requests = self._requests()
@@ -232,7 +241,7 @@ class Engine:
             )
             launched = 0
             for placement in decision.placements:
-                if not self.launcher.may_launch(self.clock()):
+                if not self.launcher.may_launch(time.monotonic()):
                     break  # backpressure (Slurm step creation): the rest waits for a later tick
                 self._launch(placement)
                 launched += 1
@@ -302,7 +311,7 @@ class Engine:
                 exclusive=r.exp.exclusive,
                 observed_bytes=observed,
                 cpus=r.exp.cpus,
-                node=self.inventory[0].node if self.inventory else "",
+                node=r.node or (self.inventory[0].node if self.inventory else ""),
                 expected_end_s=(r.started_at + r.exp.time_s) if r.exp.time_s is not None else None,
                 util=r.exp.util,
             )
@@ -334,12 +343,33 @@ class Engine:
                     for g in reading.gpus
                 ],
             )
+            if now - self._last_compact >= COMPACT_EVERY_S:
+                self._last_compact = now
+                self.store.compact(now)  # bounded history over a 24-hour run (store.SAMPLE_TIERS)
             self.store.record_usage(
                 {
                     r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
                     for r in self.running.values()
                 }
             )
+
+    def _note_unavailable(self, reading: Reading) -> None:
+        """Say when a GPU becomes unavailable (readings failing, node lost) or comes back, and
+        keep the current reasons in the store's meta for the dashboards' GPU rows."""
+        now = {f"{g.node}:{g.index}": g.unavailable for g in reading.gpus if g.unavailable}
+        if now == self._unavailable:
+            return
+        for key, why in now.items():
+            if self._unavailable.get(key) != why:
+                self._event("warn", None, f"{self._gpu_label(key)} unavailable: {why}; no new experiments there")
+        for key in self._unavailable.keys() - now.keys():
+            self._event("info", None, f"{self._gpu_label(key)} available again")
+        self._unavailable = now
+        self.store.set_meta({UNAVAILABLE_META: json.dumps(now, sort_keys=True)})
+
+    def _gpu_label(self, key: str) -> str:
+        node, index = key.rsplit(":", 1)
+        return f"gpu{index}" if len({g.node for g in self.inventory}) <= 1 else f"{node}:gpu{index}"
 
     # --- launch and reap ------------------------------------------------------------------
 
@@ -348,22 +378,29 @@ class Engine:
         # expected end should not include the scheduling work done before it in the tick.
         now = self.clock()
         exp = self.by_name[placement.name]
-        keys = tuple((placement.node, i) for i in placement.gpus)
-        cuda_ids = tuple(self.cuda_ids[k] for k in keys)
+        keys = placement.keys
+        cuda_ids = tuple(self.cuda_ids[(placement.node, i)] for i in placement.gpus)  # the same on each node
         previous = self.store.attempts(exp.name)  # one read for the number and the resume flag
         number = max((a.number for a in previous), default=0) + 1
         resume = bool(previous) and previous[-1].state == A_INTERRUPTED
         resumed_s = resumed_time_s(previous, A_INTERRUPTED)  # they count in its duration
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
+        node_text = ",".join(placement.nodes) or placement.node  # "n1,n2": README "status"
         attempt_id = self.store.begin_attempt(
-            exp.name, number, self.run_id, placement.node, placement.gpus, str(log_path), budget, now
+            exp.name, number, self.run_id, node_text, placement.gpus, str(log_path), budget, now
         )
+        port = None
+        if placement.nodes:
+            port = free_port({r.master_port for r in self.running.values() if r.master_port is not None})
         env = experiment_env(
             self._base_env, exp.env, name=exp.name, run_dir=self.manifest.run_dir, out_dir=exp.out_dir,
-            attempt=number, resume=resume, cuda_ids=cuda_ids,
+            attempt=number, resume=resume, cuda_ids=cuda_ids, nodes=placement.nodes, master_port=port,
         )
-        spec = LaunchSpec(exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus)
+        spec = LaunchSpec(
+            exp.name, number, exp.cmd, exp.workdir, env, log_path, placement.node, placement.gpus, cuda_ids, exp.cpus,
+            placement.nodes,
+        )
         try:
             handle = self.launcher.launch(spec)  # creates {out} (the log lives there)
         except OSError as exc:
@@ -372,11 +409,12 @@ class Engine:
             self.states[exp.name] = FAILED
             return
         extra = ", resuming" if resume else ""
-        started = f"{exp.name} started on {_where(placement)} (attempt {number}{extra})"
+        started = f"{exp.name} started on {self._where(keys)} (attempt {number}{extra})"
         self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
         self.running[exp.name] = Running(
-            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s
+            exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s,
+            node=placement.node, master_port=port,
         )
 
     def _reap(self, now: float) -> None:
@@ -398,7 +436,7 @@ class Engine:
         self.launcher.ended(name)
         usage = (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
         took = format_duration(now - r.started_at)
-        where = _where_keys(r.gpus)
+        where = self._where(r.gpus)
         outcome = judge(code, exp.outputs, exp.workdir, r.handle.log_path)
         if outcome.succeeded and why is None:
             self.learned.add(exp.template, r.resumed_s + now - r.started_at, r.peak_bytes or None)
@@ -460,8 +498,10 @@ class Engine:
         # To each command alone (launch.Handle.preempt); one that has not recorded its pid yet
         # (launched a moment ago) is told on a later pass.
         untold = set(self.running)
-        deadline = now + self.options.grace_s
-        while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
+        # The grace period is measured on the monotonic clock: a wall clock stepped by NTP during
+        # it must neither cut it short (no checkpoint) nor stretch it past the allocation's end.
+        deadline = time.monotonic() + self.options.grace_s
+        while self.running and time.monotonic() < deadline and self.signals.count == signals_at_stop:
             for name in [n for n in untold if n in self.running]:
                 r = self.running[name]
                 if r.handle.preempt(r.preempt_signal):
@@ -472,7 +512,7 @@ class Engine:
                 if ended:
                     self._ended(r, code, self.clock(), interrupted=True)
             if self.running:
-                self.signals.sleep(min(0.5, max(0.0, deadline - self.clock())))
+                self.signals.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for r in list(self.running.values()):
             r.handle.kill()
         for r in list(self.running.values()):
@@ -526,12 +566,23 @@ class Engine:
     def _event(self, kind: str, name: str | None, message: str) -> None:
         self.store.event(kind, name, message, self.clock())
 
+    def _where(self, keys: tuple[GpuKey, ...]) -> str:
+        """'gpu0,gpu1' on one node; 'n2:gpu1' among several; 'n1,n2:gpu0-3' across nodes."""
+        if not keys:
+            return "cpu"
+        nodes = list(dict.fromkeys(k[0] for k in keys))
+        indices = sorted({k[1] for k in keys})
+        if len(nodes) > 1 and indices == list(range(indices[0], indices[-1] + 1)) and len(indices) > 2:
+            return f"{','.join(nodes)}:gpu{indices[0]}-{indices[-1]}"
+        gpus = ",".join(f"gpu{i}" for i in indices)
+        return f"{','.join(nodes)}:{gpus}" if self.several_nodes else gpus
+
 
 def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = None) -> policy.Request:
     return policy.Request(
         name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
         mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
-        resumable=e.resumable, depends_on=e.depends_on, util=e.util,
+        resumable=e.resumable, depends_on=e.depends_on, util=e.util, nodes=e.nodes,
     )
 
 
@@ -550,16 +601,9 @@ def _row(e: Experiment) -> ExperimentRow:
     spec = {
         "gpus": e.gpus, "mem_bytes": e.mem_bytes, "time_s": e.time_s, "cpus": e.cpus,
         "exclusive": e.exclusive, "resumable": e.resumable, "util": e.util, "retries": e.retries,
+        **({"nodes": e.nodes} if e.nodes > 1 else {}),  # a one-node row stays as it was: no resync
     }
     return ExperimentRow(e.name, e.phase, e.template, e.order, e.fingerprint, PENDING, None, spec, dict(e.params), True)
-
-
-def _where(p: policy.Placement) -> str:
-    return ",".join(f"gpu{i}" for i in p.gpus) if p.gpus else "cpu"
-
-
-def _where_keys(keys: tuple[GpuKey, ...]) -> str:
-    return ",".join(f"gpu{k[1]}" for k in keys) if keys else "cpu"
 
 
 def _gpus_text(inventory: list[GpuInfo]) -> str:
@@ -567,8 +611,6 @@ def _gpus_text(inventory: list[GpuInfo]) -> str:
 
 
 def _gpus_json(inventory: list[GpuInfo]) -> str:
-    import json
-
     return json.dumps(
         [{"node": g.node, "index": g.index, "total_bytes": g.total_bytes, "name": g.name, "uuid": g.uuid} for g in inventory]
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -21,7 +22,12 @@ from typing import Any, Protocol
 from .policy import GpuKey, GpuSnapshot, Occupant
 from .procs import identity
 
-_SPEC = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)?(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$")
+# One part of a --gpus spec: [NODES x] [GPUS x] SIZE [unit]; x may also be X or *.
+_SPEC = re.compile(r"^\s*(?:(\d+)\s*[xX*]\s*)??(?:(\d+)\s*[xX*]\s*)?(\d+(?:\.\d+)?)\s*(GB|GiB|G)?\s*$")
+SPEC_GRAMMAR = (
+    "NODESxGPUSxSIZE (2x4x80GB: 2 nodes of 4 x 80 GB), GPUSxSIZE (4x80GB: one node), sizes of one "
+    "node mixed with ',' (2x40GB,2x80GB), nodes of different kinds joined with '+' (2x4x80GB+2x40GB)"
+)
 
 
 class GpuSpecError(ValueError):
@@ -59,24 +65,44 @@ class GpuProbe(Protocol):
     def read(self, running: Mapping[str, Occupant]) -> Reading: ...
 
 
-def parse_gpu_spec(spec: str, node: str) -> list[GpuInfo]:
-    """'4x80GB' -> four 80 GB GPUs; '2x40GB,2x80GB' mixes sizes. GB here means 10^9 bytes."""
-    gpus: list[GpuInfo] = []
-    for part in spec.split(","):
-        match = _SPEC.match(part)
-        if not match:
-            raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (expected e.g. 4x80GB or 2x40GB,2x80GB)")
-        count = int(match.group(1) or 1)
-        size = float(match.group(2))
-        unit = match.group(3) or "GB"
-        total = int(size * (2**30 if unit == "GiB" else 10**9))
-        if count < 1 or count > 1024 or total <= 0:
-            raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (count 1-1024, size above 0)")
-        for _ in range(count):
-            i = len(gpus)
-            gpus.append(GpuInfo(node, i, total, f"simulated-{size:g}{unit}", f"SIM-{node}-{i}", str(i)))
-    return gpus
+def parse_gpu_spec(spec: str, node: str, names: Sequence[str] = ()) -> list[GpuInfo]:
+    """The simulated GPUs a --gpus spec describes (SPEC_GRAMMAR; GB means 10^9 bytes).
 
+    '4x80GB' is four 80 GB GPUs on one node, named `node`; '2x4x80GB' is 2 nodes of 4, and
+    '4x80GB+2x40GB' a node of 4 x 80 GB and one of 2 x 40 GB. Several nodes are named `names`
+    where it has enough of them, else n1, n2, ... in the order written; each node counts its
+    GPUs from 0, as CUDA_VISIBLE_DEVICES does on a real node."""
+    bad = f"--gpus: bad GPU spec '{spec}' (expected {SPEC_GRAMMAR})"
+    nodes: list[list[tuple[int, str]]] = []  # per node: (bytes, label) of each GPU
+    for group in spec.split("+"):
+        parts = [_SPEC.match(part) for part in group.split(",")]
+        if not all(parts):
+            raise GpuSpecError(bad)
+        matches = [m for m in parts if m]
+        if any(m.group(1) for m in matches) and len(matches) > 1:
+            raise GpuSpecError(f"{bad}: NODESx... can't be mixed with ',' (join kinds of node with '+')")
+        count_nodes = int(matches[0].group(1) or 1)
+        gpus: list[tuple[int, str]] = []
+        for m in matches:
+            count, size, unit = int(m.group(2) or 1), float(m.group(3)), m.group(4) or "GB"
+            total = int(size * (2**30 if unit == "GiB" else 10**9))
+            if count < 1 or count > 1024 or total <= 0:
+                raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (1-1024 GPUs per node, size above 0)")
+            gpus += [(total, f"simulated-{size:g}{unit}")] * count
+        if count_nodes < 1 or len(nodes) + count_nodes > 1024 or len(gpus) > 1024:
+            raise GpuSpecError(f"--gpus: bad GPU spec '{spec}' (1-1024 nodes of 1-1024 GPUs)")
+        nodes += [gpus] * count_nodes
+    if len(nodes) == 1:
+        node_names = [node]
+    elif len(names) >= len(nodes):
+        node_names = list(names[: len(nodes)])
+    else:
+        node_names = [f"n{i + 1}" for i in range(len(nodes))]
+    return [
+        GpuInfo(name, i, total, label, f"SIM-{name}-{i}", str(i))
+        for name, gpus in zip(node_names, nodes)
+        for i, (total, label) in enumerate(gpus)
+    ]
 
 class SimulatedProbe:
     """Simulated GPUs: a running experiment uses exactly its budget (the whole GPU if unknown)
@@ -292,6 +318,12 @@ class NvmlProbe:
             pass
 
 
+def node_gpus(inventory: Sequence[GpuInfo]) -> int | None:
+    """The GPU count of the largest node: what a `nodes: K` experiment takes on each node."""
+    counts = Counter(g.node for g in inventory)
+    return max(counts.values()) if counts else None
+
+
 def _selects(token: str, device: _Device) -> bool:
     """CUDA_VISIBLE_DEVICES token -> device: an index, or a (prefix of a) GPU-/MIG- UUID."""
     if token.startswith(("GPU-", "MIG-")):
@@ -304,15 +336,17 @@ def _text(value: object) -> str:
 
 
 def open_probe(
-    spec: str | None, node: str, env: Mapping[str, str], fallback: str = "4x80GB", allocation_gpus: int = 0
+    spec: str | None, node: str, env: Mapping[str, str], fallback: str = "4x80GB", allocation_gpus: int = 0,
+    names: Sequence[str] = (),
 ) -> tuple[GpuProbe, str | None]:
     """The probe to use and a one-line warning, if any. `spec` (--gpus / GPUPACK_GPUS) forces
-    simulated GPUs. Outside an allocation, NVML finding no GPU means simulated `fallback` GPUs,
+    simulated GPUs; several simulated nodes take `names` (the allocation's nodes) where there are
+    enough. Outside an allocation, NVML finding no GPU means simulated `fallback` GPUs,
     with a warning. Inside a Slurm allocation that holds GPUs (`allocation_gpus`), simulating
     would launch real jobs onto made-up GPUs: any NVML failure raises NvmlError instead."""
     spec = spec or env.get("GPUPACK_GPUS") or None
     if spec:
-        return SimulatedProbe(parse_gpu_spec(spec, node)), None
+        return SimulatedProbe(parse_gpu_spec(spec, node, names)), None
     why = "NVML found no GPU"
     try:
         probe = NvmlProbe(node, env=env)
@@ -333,7 +367,7 @@ def open_probe(
         return probe, (f"{why}; using the other GPUs" if probe.problems else None)
     if probe is not None:
         probe.close()
-    return SimulatedProbe(parse_gpu_spec(fallback, node)), f"{why}; using simulated GPUs {fallback} (set --gpus to choose)"
+    return SimulatedProbe(parse_gpu_spec(fallback, node, names)), f"{why}; using simulated GPUs {fallback} (set --gpus to choose)"
 
 
 def _short(exc: BaseException) -> str:

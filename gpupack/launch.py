@@ -14,20 +14,27 @@ started by `sh -c 'echo $$ > .attempt-<n>.cmd; exec bash -c CMD'`, locally or in
 step, so its pid is known wherever it runs; gpupack signals that pid when the command runs on
 this machine (checked by its start-up identity in /proc), and otherwise signals the local srun
 client, which has Slurm deliver it to the step's task (with proctrack/cgroup, the task alone).
+
+A multi-node experiment (LaunchSpec.nodes) is one attempt too. Locally (simulated nodes) its K
+ranks run inside the one wrapper and process group, under ranks.py in the command's place (it
+passes the preempt signal on to every rank; one exit status: the first non-zero one of a rank,
+else 0), with MASTER_ADDR=127.0.0.1.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Protocol
 
-from . import procs
+from . import procs, ranks
 from .procs import Identity
 
 if TYPE_CHECKING:
@@ -196,7 +203,7 @@ def cmd_file_for(log_path: Path) -> Path:
 class Launcher(Protocol):
     def launch(self, spec: LaunchSpec) -> Handle: ...
 
-    def may_launch(self, now: float) -> bool: ...
+    def may_launch(self, now: float) -> bool: ...  # now: time.monotonic()
 
     def lost(self, name: str) -> str | None: ...
 
@@ -223,7 +230,15 @@ class LocalLauncher:
         pass
 
     def argv(self, spec: LaunchSpec) -> list[str]:
+        if spec.nodes:  # simulated nodes: the K ranks side by side on this machine (ranks.py)
+            return command_argv(spec, [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes])
         return command_argv(spec)
+
+    def environment(self, spec: LaunchSpec) -> dict[str, str]:
+        env = dict(spec.env)
+        if spec.nodes:
+            env["MASTER_ADDR"] = "127.0.0.1"  # every simulated node is this machine
+        return env
 
     def launch(self, spec: LaunchSpec) -> Handle:
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,7 +252,7 @@ class LocalLauncher:
             popen = subprocess.Popen(
                 ["/bin/sh", "-c", _WRAPPER, "gpupack-wrap", str(exit_file), *self.argv(spec)],
                 cwd=spec.workdir,
-                env=dict(spec.env),
+                env=self.environment(spec),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -249,13 +264,14 @@ class LocalLauncher:
         # Our unreaped child: its pid (and so its start time) cannot change under us.
         return Handle(
             spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
-            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node),
+            # A multi-node step's ranks all record their pid in the one file: srun tells them all.
+            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node) and len(spec.nodes) <= 1,
         )
 
 
-def command_argv(spec: LaunchSpec) -> list[str]:
-    """`bash -c CMD`, behind the few bytes of sh that record the command's pid (_COMMAND)."""
-    return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), "bash", "-c", spec.cmd]
+def command_argv(spec: LaunchSpec, inner: Sequence[str] = ()) -> list[str]:
+    """`bash -c CMD` (or `inner`), behind the few bytes of sh that record the command's pid (_COMMAND)."""
+    return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), *(inner or ("bash", "-c", spec.cmd))]
 
 
 class SrunLauncher(LocalLauncher):
@@ -289,6 +305,9 @@ class SrunLauncher(LocalLauncher):
         self._steps: dict[str, tuple[Path, int, tuple[str, ...]]] = {}  # name -> (log, offset at launch, nodes)
         self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
 
+    def environment(self, spec: LaunchSpec) -> dict[str, str]:
+        return dict(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
+
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
 
@@ -320,7 +339,7 @@ class SrunLauncher(LocalLauncher):
     def launch(self, spec: LaunchSpec) -> Handle:
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
         handle = super().launch(spec)
-        now = time.time()
+        now = time.monotonic()  # the throttle's clock, as may_launch() is given it
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
         self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))
@@ -371,7 +390,8 @@ class SrunLauncher(LocalLauncher):
 def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:
     gpus = ",".join(spec.cuda_ids) if spec.cuda_ids else "none"
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    log.write(f"# gpupack: {spec.name} attempt {spec.attempt} started {stamp} on {spec.node or 'local'} gpus={gpus}\n".encode())
+    where = ",".join(spec.nodes) or spec.node or "local"
+    log.write(f"# gpupack: {spec.name} attempt {spec.attempt} started {stamp} on {where} gpus={gpus}\n".encode())
 
 
 def experiment_env(
@@ -384,8 +404,12 @@ def experiment_env(
     attempt: int,
     resume: bool,
     cuda_ids: Sequence[str],
+    nodes: Sequence[str] = (),
+    master_port: int | None = None,
 ) -> dict[str, str]:
-    """DESIGN.md "What an experiment sees"."""
+    """README "What an experiment sees". For a multi-node experiment (`nodes`, in rank order) the
+    variables all ranks share; the launcher adds MASTER_ADDR and each rank's RANK, NODE_RANK and
+    GPUPACK_NODE_RANK."""
     env = dict(base)
     env.update(extra)
     visible = ",".join(cuda_ids)
@@ -403,4 +427,21 @@ def experiment_env(
         env["GPUPACK_RESUME"] = "1"
     else:
         env.pop("GPUPACK_RESUME", None)
+    if nodes:
+        k = str(len(nodes))
+        env.update({"WORLD_SIZE": k, "GPUPACK_NNODES": k, "GPUPACK_NODES": ",".join(nodes)})
+        if master_port is not None:
+            env["MASTER_PORT"] = str(master_port)
     return env
+
+
+def free_port(taken: Collection[int] = ()) -> int:
+    """A TCP port free on this machine now and not in `taken` (ports given to experiments that
+    have not bound them yet): the kernel's choice of an ephemeral port, which on the nodes of one
+    cluster is as likely free on the first node of a multi-node step as here."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port

@@ -19,6 +19,9 @@ Rules beyond the design's text, each preventing a failure seen later at run time
 - a `mem` given as a bare number under 1 MB is refused: `mem: 20` is 20 bytes, never meant;
 - env may not set CUDA_VISIBLE_DEVICES or GPUPACK_*: gpupack sets them per attempt;
 - a dependency on a later phase that sits behind a barrier would wait forever: refused;
+- `nodes: K` (K > 1) takes whole nodes: its `gpus` counts per node, and only a `gpus` written in
+  the experiment itself applies (a default is for one-node experiments); left out, it is the
+  node's GPU count (`node_gpus` of `load`) where the caller knows it;
 - grid values and env values are scalars (placeholder rules: templates.py).
 """
 
@@ -99,6 +102,7 @@ class Experiment:
     env: Mapping[str, str]  # manifest-level env merged with the experiment's
     params: Mapping[str, object] = field(default_factory=dict)  # grid values of this expansion
     fingerprint: str = ""  # sha256 of cmd, env and workdir
+    nodes: int = 1  # >1: spans that many whole nodes, `gpus` on each
 
 
 @dataclass(frozen=True)
@@ -265,12 +269,12 @@ def _env(value: object) -> dict[str, str]:
 
 
 _FIELDS: dict[str, Callable[[Any], Any]] = {
-    "gpus": _integer(0), "mem": _mem, "time": _time, "cpus": _integer(1),
+    "gpus": _integer(0), "nodes": _integer(1), "mem": _mem, "time": _time, "cpus": _integer(1),
     "exclusive": _boolean, "resumable": _boolean, "retries": _integer(0), "util": _util,
     "depends_on": _texts, "outputs": _texts, "env": _env,
 }  # fmt: skip
 _BUILTIN_VALUES: dict[str, Any] = {
-    "gpus": 1, "mem": None, "time": None, "cpus": 1, "exclusive": False, "resumable": False,
+    "gpus": 1, "nodes": 1, "mem": None, "time": None, "cpus": 1, "exclusive": False, "resumable": False,
     "retries": 0, "util": 1.0, "depends_on": (), "outputs": (), "env": {},
 }  # fmt: skip
 _TOP_KEYS = ["name", "runs_dir", "workdir", "env", "defaults", "phases"]
@@ -386,8 +390,8 @@ def _items(what: str) -> Callable[[object], list[Any]]:
 
 
 class _Builder:
-    def __init__(self, path: Path, shown: str, text: str, gpu_capacity_bytes: int | None):
-        self.path, self.text, self.capacity = path, text, gpu_capacity_bytes
+    def __init__(self, path: Path, shown: str, text: str, gpu_capacity_bytes: int | None, node_gpus: int | None = None):
+        self.path, self.text, self.capacity, self.node_gpus = path, text, gpu_capacity_bytes, node_gpus
         self.problems = _Problems(shown)
 
     def _report(self, who: str, where: str, error: ValueError) -> None:
@@ -526,6 +530,10 @@ class _Builder:
             if key in own:
                 own[key] = self._templates(who, key, own[key], allowed)
         values = {**merged, **own}
+        if values["nodes"] > 1 and "gpus" not in own and self.node_gpus is not None:
+            values["gpus"] = self.node_gpus  # whole nodes
+        if values["nodes"] > 1 and not values["gpus"]:
+            self.problems.add(who, "gpus", f"nodes: {values['nodes']} takes whole nodes: leave gpus out or give a node's GPU count")
         mem = values["mem"]
         if self.capacity is not None and values["gpus"] and mem is not None and mem > self.capacity:
             self.problems.add(who, "mem", f"{mem / 1e9:.1f} GB is more than a GPU holds "
@@ -588,7 +596,7 @@ class _Expansion:
         )
 
     def _one(self, spec: _Spec, params: dict[str, Any], records: dict[str, Any]) -> None:
-        values: dict[str, Any] = {**params, "phase": spec.phase.name, "gpus": spec.values["gpus"]}
+        values: dict[str, Any] = {**params, "phase": spec.phase.name, "gpus": spec.values["gpus"], "nodes": spec.values["nodes"]}
         texts = {k: render_scalar(v) for k, v in values.items()}
 
         def render(where: str, template: Template) -> str:
@@ -620,7 +628,7 @@ class _Expansion:
             name=name, template=spec.template, phase=spec.phase.name, phase_index=spec.phase.index,
             barrier=spec.phase.barrier, cmd=cmd, workdir=self.workdir, out_dir=Path(out),
             gpus=v["gpus"], mem_bytes=v["mem"], time_s=v["time"], cpus=v["cpus"],
-            exclusive=v["exclusive"], resumable=v["resumable"], retries=v["retries"], util=v["util"],
+            exclusive=v["exclusive"], resumable=v["resumable"], retries=v["retries"], util=v["util"], nodes=v["nodes"],
             outputs=tuple(render("outputs", t) for t in spec.outputs),
             env=env, params=params, fingerprint=hashlib.sha256(canonical.encode()).hexdigest(),
         )  # fmt: skip
@@ -697,11 +705,13 @@ def _cycles(graph: Mapping[str, tuple[str, ...]]) -> list[list[str]]:
 # --------------------------------------------------------------------------- entry points
 
 
-def load_text(text: str, path: str | Path, gpu_capacity_bytes: int | None = None) -> Manifest:
+def load_text(
+    text: str, path: str | Path, gpu_capacity_bytes: int | None = None, node_gpus: int | None = None
+) -> Manifest:
     """Like `load`, for YAML already read; `path` names the file and anchors relative paths."""
     shown = str(path)
     try:
-        return _Builder(Path(os.path.abspath(path)), shown, text, gpu_capacity_bytes).build()
+        return _Builder(Path(os.path.abspath(path)), shown, text, gpu_capacity_bytes, node_gpus).build()
     except ManifestError:
         raise
     except RecursionError:
@@ -711,8 +721,9 @@ def load_text(text: str, path: str | Path, gpu_capacity_bytes: int | None = None
         raise ManifestError([f"{shown}: manifest: internal: {what}"]) from e
 
 
-def load(path: str | Path, gpu_capacity_bytes: int | None = None) -> Manifest:
-    """Read, validate and expand a manifest. With gpu_capacity_bytes, a mem above it is refused."""
+def load(path: str | Path, gpu_capacity_bytes: int | None = None, node_gpus: int | None = None) -> Manifest:
+    """Read, validate and expand a manifest. With gpu_capacity_bytes, a mem above it is refused;
+    node_gpus (the GPUs of a node) is what `gpus` is for a `nodes: K` experiment that leaves it out."""
     shown = str(path)
     try:
         raw = Path(path).read_bytes()
@@ -722,4 +733,4 @@ def load(path: str | Path, gpu_capacity_bytes: int | None = None) -> Manifest:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ManifestError([f"{shown}: manifest: file: not UTF-8 text (bad byte at offset {e.start})"]) from None
-    return load_text(text, path, gpu_capacity_bytes)
+    return load_text(text, path, gpu_capacity_bytes, node_gpus)

@@ -26,13 +26,16 @@ Rules (DESIGN.md "Inside"):
   None) needs a GPU with no occupant and then holds it alone, like exclusive; an occupant with
   budget None holds its GPU whole. An unknown live reading (None) is not zero: only budgets
   decide, which is safe because a GPU whose occupant's budget is unknown is held whole anyway.
-- Multi-GPU requests take all their GPUs on one node (gang). Compute first: the GPU(s) least
-  oversubscribed once the request joins (utils summing to at most 1 count as not at all), since
-  co-located experiments slow each other and an idle GPU beside a crowded one is wasted. Then
-  best fit: the GPU(s) whose room left
-  after placement, min(budget room, live room) - request, is smallest, so large holes stay for
-  large jobs; ties go to the smaller GPU, then snapshot order. CPU-only requests (gpus=0) go to
-  the first node with CPUs free.
+- Multi-GPU requests take all their GPUs on one node (gang). A `nodes: K` request (K > 1) takes
+  K whole nodes that are entirely free: on each, `gpus` is the node's GPU count and every GPU has
+  no occupant, is not `unavailable` and fits its memory. It holds them whole, like exclusive (so
+  does any occupant whose GPUs span nodes). The first K such nodes in snapshot order, in rank
+  order; CPU-only occupants do not make a node busy, its CPUs (below) do. Compute first: the
+  GPU(s) least oversubscribed once the request joins (utils summing to at most 1 count as not at
+  all), since co-located experiments slow each other and an idle GPU beside a crowded one is
+  wasted. Then best fit: the GPU(s) whose room left after placement,
+  min(budget room, live room) - request, is smallest, so large holes stay for large jobs; ties
+  go to the smaller GPU, then snapshot order. CPU-only requests (gpus=0) go to the first node with CPUs free.
 - CPUs: when Limits.cpus_per_node gives a node's count, its occupants' cpus plus the request must
   fit; nodes it does not name are not limited.
 - Time left: a candidate whose estimate exceeds the allocation's time left waits unless it is
@@ -42,7 +45,7 @@ Rules (DESIGN.md "Inside"):
   by releasing occupants in order of expected end. Occupants with an unknown end are released
   after every known one, oldest first, and then the start time is unknown (start_s None).
   A lower candidate may start if it ends by the reservation's start (known start and known time
-  only), or if the head still fits on its reserved GPUs and node with the candidate added to the
+  only), or if the head still fits on its reserved GPUs and node(s) with the candidate added to the
   view at that start; so with an unknown start the reserved GPUs drain instead of feeding a
   stream of small jobs that would starve the head. A head that could not fit even with every
   occupant gone (memory used outside gpupack), or could not finish in the time left when it
@@ -98,8 +101,8 @@ class Request:
 
     @property
     def holds_whole(self) -> bool:
-        """Nobody may share its GPUs: exclusive, or memory unknown."""
-        return self.exclusive or self.mem_bytes is None
+        """Nobody may share its GPUs: exclusive, memory unknown, or whole nodes."""
+        return self.exclusive or self.mem_bytes is None or self.nodes > 1
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,11 @@ class Placement:
     # A nodes>1 request: its nodes in rank order (node == nodes[0]); `gpus` are the indices it
     # uses on EACH of them. Empty for a one-node placement.
     nodes: tuple[str, ...] = ()
+
+    @property
+    def keys(self) -> tuple[GpuKey, ...]:
+        """Every GPU it takes, on all its nodes."""
+        return tuple((n, i) for n in (self.nodes or (self.node,)) for i in self.gpus)
 
 
 @dataclass(frozen=True)
@@ -193,7 +201,7 @@ class _Claim:
     """An occupant, or a placement of this call, as it loads GPUs and CPUs."""
 
     gpus: tuple[GpuKey, ...]
-    node: str
+    nodes: tuple[str, ...]  # where its CPUs are counted (each node: `cpus`)
     budget_bytes: int | None
     holds: bool  # exclusive or budget unknown: nobody joins its GPUs
     observed_bytes: int
@@ -282,7 +290,8 @@ class _View:
                 g.unalloc_sum += sign * max(0, c.budget_bytes - c.observed_bytes)
             if sign < 0 and g.free_bytes is not None:
                 g.free_bytes += c.observed_bytes
-        self.cpu_used[c.node] = self.cpu_used.get(c.node, 0) + sign * c.cpus
+        for node in c.nodes:
+            self.cpu_used[node] = self.cpu_used.get(node, 0) + sign * c.cpus
 
     def cpus_free(self, node: str) -> int | None:
         limit = self.cpu_limit.get(node)
@@ -298,8 +307,14 @@ class _View:
         gpu_ok: Callable[[_Gpu], bool] | None = None,
         node_ok: Callable[[str], bool] | None = None,
     ) -> Placement | None:
-        """Best-fit placement of `req` on one node, or None."""
+        """Best-fit placement of `req` on one node (K whole nodes for nodes > 1), or None."""
         nodes = [n for n in self.nodes if self.cpus_fit(n, req.cpus) and (not node_ok or node_ok(n))]
+        if req.nodes > 1:
+            whole = [n for n in nodes if self._whole(n, req, gpu_ok)]
+            if len(whole) < req.nodes:
+                return None
+            ranks = tuple(whole[: req.nodes])
+            return Placement(req.name, ranks[0], tuple(g.key[1] for g in self.by_node[ranks[0]]), ranks)
         if req.gpus == 0:  # not on a node whose GPUs all take nobody new (lost, not heard from)
             nodes = [n for n in nodes if not all(g.unavailable for g in self.by_node.get(n, ()) or [_NO_GPU])]
             return Placement(req.name, nodes[0], ()) if nodes else None
@@ -321,8 +336,22 @@ class _View:
             return None
         return Placement(req.name, best[1], tuple(sorted(g.key[1] for g in best[2])))
 
+    def _whole(self, node: str, req: Request, gpu_ok: Callable[[_Gpu], bool] | None) -> bool:
+        """Is `node` entirely free for a nodes > 1 request: exactly `gpus` GPUs, all of them fit?"""
+        gs = self.by_node.get(node, ())
+        return len(gs) == req.gpus and all(
+            g.hole_after(req, self.headroom) is not None and (gpu_ok is None or gpu_ok(g)) for g in gs
+        )
+
     def why_not(self, req: Request) -> str:
         """One line for a user: why `req` does not fit this view."""
+        if req.nodes > 1:
+            free = [n for n in self.by_node if self._whole(n, req, None)]
+            short = [n for n in free if not self.cpus_fit(n, req.cpus)]
+            if len(free) >= req.nodes and short:
+                return f"needs {req.cpus} CPUs on each of {req.nodes} nodes, {short[0]} has {self.cpus_free(short[0])} free"
+            now = f" ({', '.join(free)})" if free else ""
+            return f"needs {req.nodes} entirely free nodes of {req.gpus} GPUs; {len(free)} free now{now}"
         if req.gpus == 0:
             if not self.nodes:
                 return "no node to run on"
@@ -352,19 +381,16 @@ class _View:
         return f"gpu{key[1]}" if len(self.by_node) <= 1 else f"{key[0]}:gpu{key[1]}"
 
 
-def _keys(p: Placement) -> tuple[GpuKey, ...]:
-    return tuple((p.node, i) for i in p.gpus)
-
-
 def _claim(p: Placement, req: Request, now_s: float) -> _Claim:
     end = None if req.time_s is None else now_s + req.time_s
-    return _Claim(_keys(p), p.node, req.mem_bytes, req.holds_whole, 0, req.cpus, end, req.util)
+    return _Claim(p.keys, p.nodes or (p.node,), req.mem_bytes, req.holds_whole, 0, req.cpus, end, req.util)
 
 
 def _occupant_claim(o: Occupant) -> _Claim:
-    node = o.node or (o.gpus[0][0] if o.gpus else "")
-    holds = o.exclusive or o.budget_bytes is None
-    return _Claim(o.gpus, node, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s, o.util)
+    # A multi-node occupant uses its CPUs on each of its nodes; a CPU-only one on `node`.
+    nodes = tuple(dict.fromkeys(k[0] for k in o.gpus)) if o.gpus else (o.node,)
+    holds = o.exclusive or o.budget_bytes is None or len(nodes) > 1
+    return _Claim(o.gpus, nodes, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s, o.util)
 
 
 @dataclass(eq=False)
@@ -394,15 +420,17 @@ class _Hold:
         def gpu_ok(g: _Gpu) -> bool:
             if g.key not in reserved:
                 return True
-            probe = _Claim((g.key,), "", req.mem_bytes, req.holds_whole, 0, 0, None)
+            probe = _Claim((g.key,), (), req.mem_bytes, req.holds_whole, 0, 0, None)
             future.add(probe)  # try it on, then take it off again (observed 0: the reading stays)
             try:
                 return future.gpus[g.key].hole_after(head, future.headroom) is not None
             finally:
                 future.add(probe, -1)
 
+        held = self.res.nodes or (self.res.node,)
+
         def node_ok(node: str) -> bool:
-            return node != self.res.node or future.cpus_fit(node, req.cpus + head.cpus)
+            return node not in held or future.cpus_fit(node, req.cpus + head.cpus)
 
         return view.find(req, gpu_ok, node_ok)
 
@@ -427,14 +455,14 @@ def _reserve(
         if p is None:
             continue
         if end_s is None:
-            return _Hold(head, Reservation(head.name, None, _keys(p), p.node), future, "")
+            return _Hold(head, Reservation(head.name, None, p.keys, p.node, p.nodes), future, "")
         start_s = max(now_s, end_s)  # an overdue occupant may end any moment
         if (
             time_left_s is not None and head.time_s is not None and not head.resumable
             and start_s - now_s + head.time_s > time_left_s
         ):
             return None  # it would be refused for time when its GPUs free up
-        res = Reservation(head.name, start_s, _keys(p), p.node)
+        res = Reservation(head.name, start_s, p.keys, p.node, p.nodes)
         return _Hold(head, res, future, _fmt_duration(start_s - now_s))
     return None
 
@@ -481,7 +509,7 @@ def place(
             waiting[req.name] = f"needs {need}, {have} left in the allocation"
             why[req.name] = Wait.TIME_LEFT
             continue
-        shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus)
+        shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus, req.nodes)
         guard = hold if hold is not None and hold.outlasts(req, now_s) else None
         reason, kind = failed.get((shape, False)), Wait.RESOURCES
         if reason is None and guard:
@@ -502,7 +530,8 @@ def place(
                 if hold is None:
                     unreservable.add((shape, req.time_s, req.resumable))
                 else:
-                    where = ", ".join(view.label(k) for k in hold.res.gpus) or hold.res.node
+                    res = hold.res
+                    where = f"nodes {', '.join(res.nodes)}" if res.nodes else ", ".join(map(view.label, res.gpus)) or res.node
                     when = f"in {hold.starts_in}" if hold.starts_in else _UNKNOWN_END
                     reason += f"; first in line, holds {where} (free {when})"
             waiting[req.name], why[req.name] = reason, kind
@@ -575,7 +604,7 @@ def _urgent(
     GPU: they go ahead of earlier phases (module docstring). Unknown times count 0."""
     if not n_gpus:
         return set()
-    work = sum((r.time_s or 0.0) * r.gpus * r.util for r in live.values()
+    work = sum((r.time_s or 0.0) * r.gpus * r.nodes * r.util for r in live.values()
                if r.gpus and states.get(r.name, State.PENDING) is State.PENDING)
     work += sum(max(0.0, o.expected_end_s - now_s) * len(o.gpus) * o.util
                 for o in occupants if o.expected_end_s is not None)
@@ -654,6 +683,17 @@ def unfit_reason(
     if need > biggest - headroom_bytes:
         minus = f" minus {_fmt_bytes(headroom_bytes)} headroom" if headroom_bytes else ""
         return f"needs {_fmt_bytes(need)} of memory per GPU; the largest GPU holds {_fmt_bytes(biggest)}{minus}"
+    if request.nodes > 1:
+        counts = Counter(g.node for g in gpus)
+        if request.gpus not in counts.values():
+            sizes = " or ".join(map(str, sorted(set(counts.values()))))
+            return f"nodes: {request.nodes} takes whole nodes: gpus must be {sizes}, the GPUs of a node (or left out)"
+        roomy = Counter(g.node for g in gpus if g.total_bytes - headroom_bytes >= need)
+        whole = [n for n, k in counts.items() if k == request.gpus and roomy[n] == k]
+        if len(whole) < request.nodes:
+            with_mem = f" with {_fmt_bytes(need)}" if need else ""
+            return f"needs {request.nodes} whole nodes of {request.gpus} GPUs{with_mem}; the allocation has {len(whole)}"
+        return None
     per_node = Counter(g.node for g in gpus if g.total_bytes - headroom_bytes >= need)
     most = max(per_node.values())
     if request.gpus > most:

@@ -110,7 +110,8 @@ def view_from_json(data: dict[str, Any]) -> View:
         sampled_at=data["sampled_at"], eta_s=data["eta_s"], unestimated=int(data["unestimated"]),
         phases=tuple(PhaseView(p["name"], dict(p["counts"])) for p in data["phases"]),
         gpus=tuple(
-            GpuView(g["label"], g["util_pct"], g["used_bytes"], g["total_bytes"], tuple(Occupant(**o) for o in g["occupants"]))
+            GpuView(g["label"], g["util_pct"], g["used_bytes"], g["total_bytes"], tuple(Occupant(**o) for o in g["occupants"]),
+                    str(g.get("unavailable", "")))
             for g in data["gpus"]
         ),
         events=tuple(EventRow(**e) for e in data["events"]),

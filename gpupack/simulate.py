@@ -18,8 +18,8 @@ Lower bound (`lower_bound`; no schedule in this model can beat it, whatever the 
 - Segments: a barrier phase starts a new segment, which starts only after every earlier
   experiment has ended, so the makespan is at least the sum over segments of their own bounds.
 - Util area: a GPU delivers at most one unit of util-work per second (occupants' sum of util x
-  rate is at most 1), and an experiment needs util x time on each of its GPUs (exclusive or
-  memory-unknown: 1 x time, nobody shares it). Area / GPUs bounds the segment.
+  rate is at most 1), and an experiment needs util x time on each of its GPUs (exclusive,
+  memory-unknown or whole nodes: 1 x time, nobody shares it). Area / GPUs bounds the segment.
 - Memory area: an experiment holds mem / capacity (capacity = the largest GPU) of each of its
   GPUs for at least its time, and budgets on a GPU never sum above capacity (exclusive or
   memory-unknown: the whole GPU).
@@ -153,7 +153,7 @@ def simulate(
             )
             waiting = decision.waiting
             for p in decision.placements:
-                exp, keys = by_name[p.name], tuple((p.node, i) for i in p.gpus)
+                exp, keys = by_name[p.name], p.keys
                 running[p.name] = _Running(exp, keys, p.node, now, duration_s(exp), exp.mem_bytes)
                 states[p.name] = State.RUNNING
                 planned[p.name].start_s, planned[p.name].gpus = now, keys
@@ -216,8 +216,8 @@ def _areas(e: Experiment, capacity: int) -> tuple[float, float]:
     """GPU-seconds of util and of memory share the experiment needs at least."""
     if e.gpus == 0:
         return 0.0, 0.0
-    t = duration_s(e) * e.gpus
-    if e.exclusive or e.mem_bytes is None:
+    t = duration_s(e) * e.gpus * e.nodes
+    if e.exclusive or e.nodes > 1 or e.mem_bytes is None:
         return t, t
     return t * e.util, t * min(1.0, e.mem_bytes / capacity)
 
@@ -313,7 +313,8 @@ def plan_data(manifest: Manifest, inventory: Sequence[GpuInfo], time_limit_s: fl
         "experiments": [
             {
                 "name": p.name, "phase": p.phase, "start_s": p.start_s, "end_s": p.end_s,
-                "gpus": [k[1] for k in p.gpus], "node": p.gpus[0][0] if p.gpus else None,
+                "gpus": sorted({k[1] for k in p.gpus}), "node": p.gpus[0][0] if p.gpus else None,
+                "nodes": list(dict.fromkeys(k[0] for k in p.gpus)),
                 "late": limit is not None and p.end_s is not None and p.end_s > limit + _EPS,
                 "resumable": e.resumable, "why_not": p.why_not,
             }
@@ -332,7 +333,7 @@ def lanes(data: Mapping[str, Any], width: int = 72) -> list[str]:
     for g in data["gpus"]:
         mine = [
             e for e in data["experiments"]
-            if e["end_s"] is not None and e["node"] == g["node"] and g["index"] in e["gpus"]
+            if e["end_s"] is not None and g["node"] in e["nodes"] and g["index"] in e["gpus"]
         ]
         cells = []
         for col in range(width):
@@ -356,7 +357,9 @@ def render_plan(data: Mapping[str, Any], console: Console) -> None:
 
     gpus, rows = data["gpus"], data["experiments"]
     sizes = ", ".join(sorted({format_bytes(g["total_bytes"]) for g in gpus}))
-    say(f"{data['run']}: {len(rows)} experiments on {len(gpus)} GPUs ({sizes})")
+    nodes = len({g["node"] for g in gpus})
+    where = f"{len(gpus)} GPUs" + (f" of {nodes} nodes" if nodes > 1 else "")
+    say(f"{data['run']}: {len(rows)} experiments on {where} ({sizes})")
     table = Table(box=None, pad_edge=False)
     for col in ("phase", "experiments", "start", "end"):
         table.add_column(col, justify="left" if col == "phase" else "right")

@@ -3,12 +3,13 @@
 The contract (DESIGN.md "Manifest"): `name`, `cmd`, `env` values, `depends_on` and `outputs`
 may hold placeholders, `str.format` style:
 - `{KEY}` for a grid key, and the built-ins `{name}` (the expanded name), `{phase}`, `{out}`
-  (the experiment's own directory, <run>/exp/<name>), `{run}` (the run directory), `{gpus}`;
+  (the experiment's own directory, <run>/exp/<name>), `{run}` (the run directory), `{gpus}`,
+  `{nodes}`;
 - `{{` and `}}` are literal braces (`${{HOME}}` reaches bash as `${HOME}`);
 - a format spec is allowed (`{seed:03d}`); a conversion (`{x!r}`), attribute (`{x.y}`) or
   index (`{x[0]}`) access is refused: values are scalars, and lookups would reach Python objects;
 - a key is a letter or `_`, then letters, digits, `_` or `-`;
-- the name may use grid keys, `{phase}` and `{gpus}`: `{name}`, `{out}` and `{run}` are made from it;
+- the name may use grid keys, `{phase}`, `{gpus}` and `{nodes}`: `{name}`, `{out}` and `{run}` are made from it;
 - true/false render as `true`/`false`, as YAML spells them.
 An unknown or malformed placeholder is a ValueError saying what to write instead.
 """
@@ -23,8 +24,8 @@ from dataclasses import dataclass
 
 from .units import show_value as _show
 
-BUILTIN_PLACEHOLDERS = ("name", "phase", "out", "run", "gpus")
-NAME_PLACEHOLDERS = ("phase", "gpus")  # {name}, {out}, {run} are made from the name
+BUILTIN_PLACEHOLDERS = ("name", "phase", "out", "run", "gpus", "nodes")
+NAME_PLACEHOLDERS = ("phase", "gpus", "nodes")  # {name}, {out}, {run} are made from the name
 _PLACEHOLDER_RE = re.compile(r"[^\W\d][\w-]*")
 
 

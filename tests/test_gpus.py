@@ -138,6 +138,33 @@ def test_simulated_usage_is_the_budgets_of_running_experiments():
     assert [g.util_percent for g in light.gpus] == [30.0, 100.0]
 
 
+@pytest.mark.parametrize(
+    "spec, nodes",
+    [
+        ("4x80GB", {"vm": [80, 80, 80, 80]}),  # one node, named by the caller
+        ("1x2x80GB", {"vm": [80, 80]}),
+        ("2x40GB,1x80GB", {"vm": [40, 40, 80]}),
+        ("2x2x80GB", {"n1": [80, 80], "n2": [80, 80]}),
+        ("2x80GB+1x40GB", {"n1": [80, 80], "n2": [40]}),
+        ("2X1x80GB + 3*40", {"n1": [80], "n2": [80], "n3": [40, 40, 40]}),
+    ],
+)
+def test_gpu_spec_nodes_x_gpus_x_size(spec: str, nodes: dict[str, list[int]]) -> None:
+    found: dict[str, list[int]] = {}
+    for g in parse_gpu_spec(spec, "vm"):
+        assert g.index == len(found.get(g.node, [])) and g.cuda_id == str(g.index)  # counted per node
+        found.setdefault(g.node, []).append(g.total_bytes // GB)
+    assert found == nodes
+
+
+def test_gpu_spec_names_simulated_nodes_after_the_allocation_and_refuses_bad_forms() -> None:
+    assert [g.node for g in parse_gpu_spec("2x1x80GB", "a", ["a", "b"])] == ["a", "b"]
+    assert [g.node for g in parse_gpu_spec("3x1x80GB", "a", ["a", "b"])] == ["n1", "n2", "n3"]  # too few names
+    for bad in ("2x4x80GB,2x40GB", "0x4x80GB", "2x0x80GB", "2x2x2x80GB", "4x80GB+", "2000x1x80GB"):
+        with pytest.raises(GpuSpecError, match="--gpus: bad GPU spec"):
+            parse_gpu_spec(bad, "n")
+
+
 # --- an NVML double on nvidia-ml-py's own error classes: failures, MIG, attribution ---------------
 
 
@@ -308,3 +335,43 @@ def test_memory_is_attributed_by_run_directory_and_attempt_not_by_name_alone(tmp
         for p in (mine, other_run, old_attempt):
             p.kill()
             p.wait()
+
+
+def test_an_unavailable_gpu_takes_nothing_new_and_its_dashboard_row_says_why(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from gpupack import dashboard
+    from gpupack.engine import Engine, RunOptions
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    flaky = h100(1)
+    probe = NvmlProbe("n0", nvml=Nvml([h100(0), flaky]), env={})
+    flaky["fail"] = {"memory": pynvml.NVML_ERROR_GPU_IS_LOST}  # fell off the bus after the inventory
+    for _ in range(3):
+        probe.read({})
+    manifest = load_text(
+        "name: u\nphases: [{name: p, experiments: [{name: 'e{i}', grid: {i: [1, 2]}, cmd: 'true', mem: 50GB}]}]\n",
+        tmp_path / "m.yaml",
+    )
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    inventory = probe.inventory()
+    engine = Engine(manifest, store, probe, LocalLauncher(), inventory, RunOptions(poll_s=0.05))
+    engine.prepare()
+    assert engine.run() == 0
+    engine.close(0)
+    # 50 + 50 GB do not fit one 80 GB GPU, yet both ran on gpu0, one after the other
+    assert [a.gpus for a in store.attempts()] == [(0,), (0,)]
+    assert any(e.message == "gpu1 unavailable: NVML readings failing (GPU is lost); no new experiments there"
+               for e in store.events())
+    view = dashboard.build_view(store, 0.0)
+    assert [g.unavailable for g in view.gpus] == ["", "NVML readings failing (GPU is lost)"]
+    out = io.StringIO()
+    Console(file=out, width=200).print(dashboard._gpu_table(view, plain=True))
+    row = next(line for line in out.getvalue().splitlines() if line.strip().startswith("gpu1"))
+    assert "UNAVAILABLE: NVML readings failing (GPU is lost)" in row
+    store.close()

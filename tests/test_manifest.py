@@ -306,7 +306,7 @@ def test_experiment_field_errors(tmp_path: Path, fields: dict[str, Any], expecte
     ("fields", "expected"),
     [
         ({"cmd": "run {taks}", "grid": {"task": ["a"]}}, "cmd: unknown placeholder '{taks}' (did you mean 'task'?)"),
-        ({"cmd": "run {zzz}"}, "cmd: unknown placeholder '{zzz}' (valid: name, phase, out, run, gpus)"),
+        ({"cmd": "run {zzz}"}, "cmd: unknown placeholder '{zzz}' (valid: name, phase, out, run, gpus, nodes)"),
         ({"cmd": "echo ${HOME}"}, "cmd: unknown placeholder '{HOME}' (write $VAR, or ${{VAR}} for a shell variable)"),
         ({"cmd": "{out.parent}"}, "cmd: bad placeholder '{out.parent}': only {key} or {key:spec}; write {{ and }} for literal braces"),
         ({"cmd": "{run[0]}"}, "cmd: bad placeholder '{run[0]}'"),
@@ -395,7 +395,7 @@ def test_yaml_level_errors(tmp_path: Path, text: str, expected: str) -> None:
         ({"runs_dir": 5}, ["manifest: runs_dir: expected a non-empty string, got 5"]),
         ({"workdir": "missing"}, ["manifest: workdir: no such directory: {tmp}/missing"]),
         ({"env": "A=1"}, ["manifest: env: expected a mapping NAME: value, got 'A=1'"]),
-        ({"env": {"A": "{seed}"}}, ["manifest: env.A: unknown placeholder '{seed}' (valid: name, phase, out, run, gpus)"]),
+        ({"env": {"A": "{seed}"}}, ["manifest: env.A: unknown placeholder '{seed}' (valid: name, phase, out, run, gpus, nodes)"]),
         ({"defaults": [1]}, ["manifest: defaults: expected a mapping of experiment fields, got a list"]),
         ({"defaults": {"cmd": "x"}}, ["manifest: defaults.cmd: can't have a default: set it in each experiment"]),
         ({"defaults": {"memory": "1GB"}}, ["manifest: defaults.memory: unknown key (did you mean 'mem'?)"]),
@@ -570,3 +570,30 @@ def test_durations_are_shown_in_two_units(seconds: float | None, shown: str) -> 
     from gpupack.units import format_duration
 
     assert format_duration(seconds) == shown
+
+
+# --------------------------------------------------------------------------- nodes: K
+
+
+def test_whole_nodes_take_the_nodes_gpus_unless_the_experiment_says(tmp_path: Path) -> None:
+    # `defaults: {gpus: 1}` is for one-node experiments: a nodes: 2 one without gpus takes the
+    # node's 4; one that writes gpus keeps it (policy refuses it unless it is a node's count).
+    text = manifest(
+        exp("ddp-{nodes}x{gpus}", "torchrun --nnodes {nodes} --nproc-per-node {gpus}", nodes=2),
+        exp("pair", nodes=2, gpus=2), exp("one"), defaults={"gpus": 1},
+    )
+    m = load(write(tmp_path, text), node_gpus=4)
+    assert [(e.name, e.nodes, e.gpus) for e in m.experiments] == [("ddp-2x4", 2, 4), ("pair", 2, 2), ("one", 1, 1)]
+    assert m.experiments[0].cmd == "torchrun --nnodes 2 --nproc-per-node 4"
+
+
+@pytest.mark.parametrize(
+    "fields, expected",
+    [
+        ({"nodes": 0}, "e: nodes: must be >= 1, got 0"),
+        ({"nodes": "two"}, "e: nodes: expected an integer >= 1, got 'two'"),
+        ({"nodes": 2, "gpus": 0}, "e: gpus: nodes: 2 takes whole nodes: leave gpus out or give a node's GPU count"),
+    ],
+)
+def test_bad_nodes_are_refused_naming_the_field(tmp_path: Path, fields: dict[str, Any], expected: str) -> None:
+    assert only_problem(tmp_path, manifest(exp(**fields)), node_gpus=4) == expected

@@ -443,8 +443,7 @@ def _simulate(
         for p in place(requests, states, gpus, occupants, now, Limits()).placements:
             r = by_name[p.name]
             starts[p.name], states[p.name] = now, State.RUNNING
-            gpus_used = tuple((p.node, i) for i in p.gpus)
-            occupants.append(Occupant(p.name, gpus_used, r.mem_bytes, expected_end_s=now + (r.time_s or 0)))
+            occupants.append(Occupant(p.name, p.keys, r.mem_bytes, expected_end_s=now + (r.time_s or 0)))
         now = min(o.expected_end_s or 0 for o in occupants)
         for o in [o for o in occupants if o.expected_end_s == now]:
             occupants.remove(o)
@@ -462,6 +461,83 @@ def test_two_gpu_head_is_not_starved_by_a_stream_of_small_ones() -> None:
     assert starts["head"] == 1000
     backfilled = [t for name, t in starts.items() if name != "head" and t < 1000]
     assert backfilled and all(t + 300 <= 1000 for t in backfilled)
+
+
+# --- nodes: K, whole nodes ------------------------------------------------------------------------
+# Nodes of 2 x 80 GB GPUs; a `nodes: 2` request takes 2 GPUs on each of 2 entirely free nodes.
+
+
+def _nodes(*names: str) -> list[GpuSnapshot]:
+    return [gpu(i, node=n) for n in names for i in range(2)]
+
+
+def test_whole_nodes_go_only_on_entirely_free_nodes_in_rank_order() -> None:
+    # a has a 10 GB occupant on gpu1, b a GPU that takes nobody new: only c and d are entirely free.
+    gpus = _nodes("a", "b", "c", "d")
+    gpus[2] = replace(gpus[2], unavailable="readings failing")
+    d = decide([req("ddp", 0, 30, gpus=2, nodes=2)], gpus, [occ("x", ("a", 1))])
+    assert [(p.node, p.gpus, p.nodes) for p in d.placements] == [("c", (0, 1), ("c", "d"))]
+    assert d.placements[0].keys == (("c", 0), ("c", 1), ("d", 0), ("d", 1))
+    # With d busy too, one free node is not enough; the reason says how many are free.
+    d = decide([req("ddp", 0, 30, gpus=2, nodes=2)], gpus, [occ("x", ("a", 1)), occ("y", ("d", 0))])
+    assert d.waiting["ddp"].startswith("needs 2 entirely free nodes of 2 GPUs; 1 free now (c)")
+
+
+def test_whole_nodes_are_held_whole_by_the_request_and_as_an_occupant() -> None:
+    # Placed in the same call, then as a running occupant: a 10 GB job never joins its GPUs.
+    gpus = _nodes("a", "b")
+    d = decide([req("ddp", 0, 10, gpus=2, nodes=2), req("small", 1, 10)], gpus)
+    assert placed(d) == {"ddp": ("a", (0, 1))} and d.waiting["small"].startswith("no GPU with 10.0 GB free")
+    running = Occupant("ddp", (("a", 0), ("a", 1), ("b", 0), ("b", 1)), 10 * GB)
+    assert decide([req("small", 1, 10)], gpus, [running]).placements == ()
+
+
+def test_whole_nodes_hold_a_reservation_and_only_what_ends_before_it_backfills() -> None:
+    # x on a ends at 100 s, y on b at 1000 s: the 2-node head can start at 1000 s and holds both
+    # nodes; a 900 s job ends in time (0 + 900 <= 1000), a 1100 s one would delay the head.
+    gpus = _nodes("a", "b", "c")
+    occupants = [occ("x", ("a", 0), expected_end_s=100), occ("y", ("b", 1), expected_end_s=1000),
+                 occ("z", ("c", 0), budget=75, expected_end_s=5 * H), occ("w", ("c", 1), budget=75)]
+    reqs = [req("ddp", 0, 10, gpus=2, nodes=2, time_s=3 * H), req("short", 1, 10, phase_index=1, time_s=900),
+            req("long", 2, 10, phase_index=1, time_s=1100), req("tiny", 3, 5, phase_index=1, time_s=4 * H)]
+    d = decide(reqs, gpus, occupants)
+    assert d.reservation is not None
+    assert (d.reservation.start_s, d.reservation.nodes) == (1000, ("a", "b"))
+    assert d.reservation.gpus == (("a", 0), ("a", 1), ("b", 0), ("b", 1))
+    assert d.waiting["ddp"].endswith("; first in line, holds nodes a, b (free in 17m)")
+    # short backfills on a or b; tiny (4 h, 5 GB) goes on c (75 + 5 <= 80), outside the reservation;
+    # long (10 GB) does not fit on c (75 + 10 > 80) and may not delay the head.
+    assert placed(d)["short"][0] in ("a", "b") and placed(d)["tiny"][0] == "c"
+    assert d.waiting["long"] == "reserved for ddp (starts in 17m)"
+
+
+def test_whole_node_head_is_not_starved_by_a_stream_of_small_ones() -> None:
+    # Like the 2-GPU case: 40 small jobs (300 s, 10 GB) would keep some GPU of both nodes busy
+    # forever; with the reservation the head starts when y ends, at 1000 s.
+    gpus = _nodes("a", "b")
+    occupants = [occ("x", ("a", 0), expected_end_s=100), occ("y", ("b", 1), expected_end_s=1000)]
+    smalls = [req(f"s{i}", i + 1, 10, phase_index=1, time_s=300) for i in range(40)]
+    starts = _simulate([req("ddp", 0, 75, gpus=2, nodes=2, time_s=H), *smalls], gpus, occupants)
+    assert starts["ddp"] == 1000
+    backfilled = [t for name, t in starts.items() if name != "ddp" and t < 1000]
+    assert backfilled and all(t + 300 <= 1000 for t in backfilled)
+    assert len(starts) == 41
+
+
+@pytest.mark.parametrize(
+    "request_, reason",
+    [
+        (req("e", 0, 10, gpus=2, nodes=2), None),
+        (req("e", 0, 10, gpus=1, nodes=2), "nodes: 2 takes whole nodes: gpus must be 2, the GPUs of a node (or left out)"),
+        (req("e", 0, 10, gpus=2, nodes=4), "needs 4 whole nodes of 2 GPUs with 10.0 GB; the allocation has 3"),
+        (req("e", 0, None, gpus=2, nodes=3), None),
+        (req("e", 0, 45, gpus=2, nodes=3), "needs 3 whole nodes of 2 GPUs with 45.0 GB; the allocation has 2"),
+    ],
+)
+def test_unfit_reason_of_whole_nodes(request_: Request, reason: str | None) -> None:
+    # a and b: 2 x 80 GB; c: 2 x 40 GB (45 GB fits a and b only).
+    inventory = [*_nodes("a", "b"), gpu(0, 40, node="c"), gpu(1, 40, node="c")]
+    assert unfit_reason(request_, inventory, 0) == reason
 
 
 # --- time left and CPUs ----------------------------------------------------------------------------

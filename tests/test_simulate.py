@@ -15,7 +15,7 @@ from rich.console import Console
 from conftest import gpupack, gpupack_env
 from gpupack.gpus import parse_gpu_spec
 from gpupack.manifest import load_text
-from gpupack.simulate import DEFAULT_TIME_S, plan_data, render_plan, simulate
+from gpupack.simulate import DEFAULT_TIME_S, lanes, plan_data, render_plan, simulate
 
 
 def manifest(tmp_path: Path, text: str):
@@ -244,6 +244,35 @@ def test_plan_json_contract(tmp_path):
     assert data["makespan_s"] >= data["lower_bound_s"] > 0
     done = gpupack("plan", str(path), "--gpus", "2x80GB", env=gpupack_env())
     assert done.returncode == 0 and "lower bound" in done.stdout and "gpu1 |" in done.stdout
+
+
+def test_plan_runs_whole_node_experiments_on_free_nodes_and_small_ones_around_them(tmp_path):
+    m = load_text(textwrap.dedent("""
+        name: nodes
+        defaults: {mem: 20GB}
+        phases:
+          - name: p
+            experiments:
+              - {name: ddp, cmd: "true", nodes: 2, time: 2h}
+              - {name: "s{i}", cmd: "true", time: 1h, grid: {i: [1, 2, 3, 4, 5, 6, 7, 8]}}
+        """), tmp_path / "m.yaml", node_gpus=2)
+    # 3 nodes of 2 GPUs: ddp (longest, first) takes n1 and n2 whole at 0; the 8 small ones share
+    # n3's 2 GPUs, 4 on each (4 x 20 = 80 GB), at 1/4 speed: all end at 4 h.
+    data = plan_data(m, parse_gpu_spec("3x2x80GB", "n"))
+    rows = {e["name"]: e for e in data["experiments"]}
+    assert (rows["ddp"]["nodes"], rows["ddp"]["gpus"], rows["ddp"]["end_s"]) == (["n1", "n2"], [0, 1], 7200.0)
+    assert all(rows[f"s{i}"]["nodes"] == ["n3"] for i in range(1, 9))
+    assert data["makespan_s"] == 4 * 3600.0
+    lanes_text = "\n".join(lanes(data, width=8))
+    assert "n2:gpu1 |aaaa....|" in lanes_text and "n3:gpu0 |AAAAAAAA|" in lanes_text
+
+
+def test_plan_cli_refuses_more_nodes_than_the_gpus_have(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("name: n\nphases:\n  - name: p\n    experiments:\n      - {name: ddp, cmd: 'true', nodes: 3}\n")
+    done = gpupack("plan", str(path), "--gpus", "2x4x80GB", env=gpupack_env())
+    assert done.returncode == 2
+    assert done.stderr.strip() == f"gpupack: error: {path}: ddp: nodes: needs 3 whole nodes of 4 GPUs; the allocation has 2"
 
 
 def test_plan_refuses_a_grid_larger_than_it_simulates_in_one_line(tmp_path, capsys) -> None:
