@@ -170,12 +170,8 @@ def group_alive(pgid: int) -> bool:
 
 
 def _only_zombies(pgid: int) -> bool:
-    try:
-        with open(f"/proc/{pgid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False  # leader gone but others in the group alive
-    return stat.rsplit(b")", 1)[-1].split()[0] == b"Z"
+    # Leader gone (None) but others in the group alive: not only zombies.
+    return procs.state(pgid) == b"Z"
 
 
 def read_int_file(path: Path) -> int | None:

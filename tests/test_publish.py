@@ -176,6 +176,13 @@ def test_status_results_report_on_a_read_only_run_directory(read_only: Path, tmp
     assert sorted(p.name for p in read_only.iterdir()) == sorted(["exp", "state.db", "state.db-wal"])
 
 
+def test_a_killed_runs_wal_is_read_from_a_private_copy(read_only: Path, run_dir: Path) -> None:
+    done = _cli("status", str(run_dir), "--json")  # the writable directory itself this time
+    assert done.returncode == 0, done.stderr
+    assert {e["name"]: e["state"] for e in json.loads(done.stdout)["experiments"]}["lat-b8"] == "succeeded"
+    assert not Path(f"{run_dir / 'state.db'}-shm").exists()  # no shared WAL index made or touched
+
+
 def test_a_finished_run_is_read_immutable_without_side_files(run_dir: Path, tmp_path: Path) -> None:
     mount = tmp_path / "ro"
     mount.mkdir()
