@@ -306,7 +306,9 @@ class SrunLauncher(LocalLauncher):
         self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
-        return dict(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
+        from .slurm_nodes import srun_env  # without SLURM_GPUS, which srun would take as --gpus
+
+        return srun_env(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
