@@ -14,7 +14,7 @@ database. The scheduler (the only writer) publishes instead, in the run director
     events.log    append-only, one JSON object per line: {"id", "t", "kind", "experiment",
                   "message"}; written by one process, whole lines at a time, so a reader takes the
                   complete lines and leaves a torn last one for later
-    snapshot.db   (published_db) a copy of state.db made with SQLite's online backup, in rollback-
+    snapshot.db   a copy of state.db made with SQLite's online backup, in rollback-
                   journal mode, replaced by rename: what `results` and `report` read on another
                   host while the run goes on. With --state-dir the live database is on node-local
                   disk and this copy is the run directory's state.db itself.
