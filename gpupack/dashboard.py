@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .report import GpuKey, gpu_key, gpu_label
 from .store import (
     A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
-    ExperimentRow, Store,
+    UNAVAILABLE_META, ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
 
@@ -70,6 +70,7 @@ class GpuView:
     used_bytes: int | None
     total_bytes: int | None
     occupants: tuple[Occupant, ...]
+    unavailable: str = ""  # why it takes no new experiment (readings failing, node lost)
     node: str = ""  # rows are grouped by node when there are several
 
 
@@ -134,8 +135,12 @@ def build_view(store: Store, now: float) -> View:
     # Several nodes: rows grouped by node (a heading row each), so a GPU is labelled as on one node.
     node_order = {n: i for i, n in enumerate(dict.fromkeys(n for n, _ in keys))}
     keys.sort(key=lambda k: node_order[k[0]])
+    try:
+        unavailable = {str(k): str(v) for k, v in json.loads(meta.get(UNAVAILABLE_META) or "{}").items()}
+    except (ValueError, AttributeError):
+        unavailable = {}
     gpus = tuple(
-        GpuView(gpu_label(k, True), *latest[k], tuple(occupants.get(k, ())), node=k[0])
+        GpuView(gpu_label(k, True), *latest[k], tuple(occupants.get(k, ())), unavailable.get(f"{k[0]}:{k[1]}", ""), node=k[0])
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
@@ -287,7 +292,10 @@ def _gpu_table(view: View, plain: bool) -> Table:
         memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
         memory.append(_memory(g.used_bytes, g.total_bytes))
         label = f"  {g.label}" if several else g.label
-        table.add_row(label, util, memory, "\n".join(_occupant(o) for o in g.occupants) or "-")
+        who = "\n".join(_occupant(o) for o in g.occupants) or "-"
+        if g.unavailable:
+            who = f"UNAVAILABLE: {g.unavailable}" + ("" if who == "-" else "\n" + who)
+        table.add_row(label, util, memory, who)
     return table
 
 

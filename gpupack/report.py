@@ -24,7 +24,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,8 @@ class RunFacts:
     samples: list[tuple[float, str, int, float | None, int | None, int]]
     windows: list[Window]  # in time order
     gpus: dict[GpuKey, dict[str, Any]]  # every GPU the run had: name, total_bytes
+    # GPU -> (mean utilization, peak memory used), from the store (old samples are merged there)
+    usage: dict[GpuKey, tuple[float | None, int | None]] = field(default_factory=dict)
 
     @property
     def single_node(self) -> bool:
@@ -125,7 +127,7 @@ def load_facts(store: Store) -> RunFacts:
     for a in attempts:
         for n, g in a.keys:
             gpus.setdefault(gpu_key(gpus, n, g), {"name": "", "total_bytes": None})
-    return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())))
+    return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())), store.gpu_usage())
 
 
 def _run_gpus(text: object) -> frozenset[GpuKey] | None:
@@ -142,7 +144,7 @@ def _windows(store: Store, attempts: list[AttemptRow], samples: list[tuple[Any, 
     its last sign of life: a sample, an event or an attempt time before the next run began."""
     activity = sorted(
         [s[0] for s in samples]
-        + [e.t for e in store.events()]
+        + store.event_times()
         + [a.started_at for a in attempts]
         + [a.ended_at for a in attempts if a.ended_at is not None]
     )
@@ -169,13 +171,6 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
         by_exp[a.experiment].append(a)
         for key in facts.attempt_keys(a):
             by_gpu[key].append((a.started_at, facts.attempt_end(a)))
-    utils: dict[GpuKey, list[float]] = defaultdict(list)
-    peaks: dict[GpuKey, int] = {}
-    for _t, node, index, util, used, _total in facts.samples:
-        if util is not None:
-            utils[(node, index)].append(util)
-        if used is not None:
-            peaks[(node, index)] = max(used, peaks.get((node, index), 0))
     gpus = []
     for key, info in facts.gpus.items():
         busy_s, gpu_wall_s = union_seconds(by_gpu[key]), facts.wall_s(key)
@@ -184,7 +179,8 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
                 "gpu": gpu_label(key, facts.single_node), "node": key[0], "index": key[1], "name": info["name"],
                 "total_bytes": info["total_bytes"], "busy_s": busy_s, "wall_s": gpu_wall_s,
                 "busy_fraction": busy_s / gpu_wall_s if gpu_wall_s > 0 else None,
-                "mean_util_pct": _mean(utils[key]), "peak_used_bytes": peaks.get(key),
+                "mean_util_pct": facts.usage.get(key, (None, None))[0],
+                "peak_used_bytes": facts.usage.get(key, (None, None))[1],
             }
         )
     busy_total = sum(g["busy_s"] for g in gpus)
@@ -202,7 +198,7 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
         "target": {"busy_fraction": TARGET_BUSY_FRACTION, "met": overall_fraction is not None and overall_fraction > TARGET_BUSY_FRACTION},
         "overall": {
             "gpus": len(gpus), "busy_fraction": overall_fraction, "busy_gpu_s": busy_total,
-            "mean_util_pct": _mean([u for us in utils.values() for u in us]),
+            "mean_util_pct": _mean([g["mean_util_pct"] for g in gpus if g["mean_util_pct"] is not None]),
         },
         "counts": {s: sum(c[s] for c in phases.values()) for s in STATES},
         "phases": [{"phase": p, "total": sum(c.values()), **{s: c[s] for s in STATES}} for p, c in phases.items()],
