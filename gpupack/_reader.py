@@ -115,12 +115,29 @@ class AttemptNvmlProbe(NvmlProbe):
         return f"{ident.attempt}:{ident.experiment}"
 
 
-def open_reader_probe(node: str, spec: str | None, run_dir: str | None, env: Mapping[str, str]) -> tuple[GpuProbe, bool]:
+def simulated_node(spec: str, node: str, env: Mapping[str, str], names: Sequence[str] = ()) -> list[GpuInfo]:
+    """The simulated GPUs of `node` that a job step there may use. `spec` describes the nodes'
+    hardware: a one-node spec (4x80GB) every node's, a spec of several (4x80GB+2x40GB) node i
+    of `names` (the allocation's nodes) gets its i-th. As NVML does, only the GPUs
+    CUDA_VISIBLE_DEVICES names count (a job may hold 2 of a node's 4), numbered from 0 in that
+    order (all of them when it is unset)."""
+    gpus = [g for g in parse_gpu_spec(spec, node, names) if g.node == node]
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return gpus
+    by_id = {g.cuda_id: g for g in gpus}
+    chosen = [by_id[t] for t in (t.strip() for t in visible.split(",")) if t in by_id]
+    return [GpuInfo(node, i, g.total_bytes, g.name, g.uuid, g.cuda_id) for i, g in enumerate(chosen)]
+
+
+def open_reader_probe(
+    node: str, spec: str | None, run_dir: str | None, env: Mapping[str, str], names: Sequence[str] = ()
+) -> tuple[GpuProbe, bool]:
     """(probe, simulated). NVML unless a spec asks for simulated GPUs; NVML failing is an error
     here (the batch node decides what to do about a node it cannot read)."""
     spec = spec or env.get("GPUPACK_GPUS") or None
     if spec:
-        return SimulatedProbe(parse_gpu_spec(spec, node)), True
+        return SimulatedProbe(simulated_node(spec, node, env, names)), True
     probe = AttemptNvmlProbe(node, run_dir, env)
     if not probe.inventory():
         raise NvmlError("; ".join(probe.problems) or "NVML found no GPU")
@@ -147,9 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--every", type=float, default=5.0, help="seconds between readings")
     parser.add_argument("--gpus", default=None, help="simulated GPUs of this node, e.g. 4x80GB")
     parser.add_argument("--run-dir", default=None, help="attribute memory to this run's experiments only")
+    parser.add_argument("--nodes", default="", help="the allocation's nodes, for a --gpus spec of several")
     args = parser.parse_args(argv)
     try:
-        probe, simulated = open_reader_probe(args.node, args.gpus, args.run_dir, os.environ)
+        names = [n for n in args.nodes.split(",") if n]
+        probe, simulated = open_reader_probe(args.node, args.gpus, args.run_dir, os.environ, names)
     except Exception as exc:  # no NVML, no driver, bad spec: one line for the batch node's log
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         print(f"gpupack reader on {args.node}: cannot read GPUs: {why}", file=sys.stderr, flush=True)

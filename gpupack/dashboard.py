@@ -31,21 +31,19 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
-
-from rich import box
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .report import GpuKey, gpu_key, gpu_label
 from .store import (
     A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
-    ExperimentRow, Store,
+    UNAVAILABLE_META, ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
+
+if TYPE_CHECKING:  # rich is imported where something is drawn: the views' data (reader, publish) need none
+    from rich.console import Console, RenderableType
+    from rich.live import Live
+    from rich.table import Table
 
 RECENT_EVENTS = 8
 _LEFT = (PENDING, RUNNING, INTERRUPTED)  # experiments whose work is still to do
@@ -72,6 +70,7 @@ class GpuView:
     used_bytes: int | None
     total_bytes: int | None
     occupants: tuple[Occupant, ...]
+    unavailable: str = ""  # why it takes no new experiment (readings failing, node lost)
     node: str = ""  # rows are grouped by node when there are several
 
 
@@ -136,8 +135,12 @@ def build_view(store: Store, now: float) -> View:
     # Several nodes: rows grouped by node (a heading row each), so a GPU is labelled as on one node.
     node_order = {n: i for i, n in enumerate(dict.fromkeys(n for n, _ in keys))}
     keys.sort(key=lambda k: node_order[k[0]])
+    try:
+        unavailable = {str(k): str(v) for k, v in json.loads(meta.get(UNAVAILABLE_META) or "{}").items()}
+    except (ValueError, AttributeError):
+        unavailable = {}
     gpus = tuple(
-        GpuView(gpu_label(k, True), *latest[k], tuple(occupants.get(k, ())), node=k[0])
+        GpuView(gpu_label(k, True), *latest[k], tuple(occupants.get(k, ())), unavailable.get(f"{k[0]}:{k[1]}", ""), node=k[0])
         for k in keys
     )
     phases: dict[str, Counter[str]] = {}
@@ -228,6 +231,10 @@ def _header(view: View) -> str:
 
 
 def _phase_table(view: View, plain: bool) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("phase")
     table.add_column("progress")
@@ -261,6 +268,10 @@ def _memory(used: int | None, total: int | None) -> str:
 
 
 def _gpu_table(view: View, plain: bool) -> Table:
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(box=box.ASCII if plain else box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("GPU")
     age = f" ({format_duration(view.now - view.sampled_at)} ago)" if view.sampled_at is not None else ""
@@ -281,7 +292,10 @@ def _gpu_table(view: View, plain: bool) -> Table:
         memory = Text(_bar(used, 10, plain) + " ", style="" if plain else ("red" if used and used > 0.95 else "magenta"))
         memory.append(_memory(g.used_bytes, g.total_bytes))
         label = f"  {g.label}" if several else g.label
-        table.add_row(label, util, memory, "\n".join(_occupant(o) for o in g.occupants) or "-")
+        who = "\n".join(_occupant(o) for o in g.occupants) or "-"
+        if g.unavailable:
+            who = f"UNAVAILABLE: {g.unavailable}" + ("" if who == "-" else "\n" + who)
+        table.add_row(label, util, memory, who)
     return table
 
 
@@ -291,6 +305,10 @@ def event_line(event: EventRow) -> str:
 
 
 def live_renderable(view: View) -> RenderableType:
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.text import Text
+
     events = Text()
     for e in view.events:
         events.append(time.strftime("%H:%M:%S ", time.localtime(e.t)), style="dim")
@@ -305,6 +323,8 @@ def live_renderable(view: View) -> RenderableType:
 
 def plain_snapshot(view: View, width: int = SNAPSHOT_WIDTH) -> str:
     """The snapshot as ASCII text without escape codes (rendered by a console that has no colours)."""
+    from rich.console import Console
+
     buf = io.StringIO()
     console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False, emoji=False)
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(view.now))
@@ -358,6 +378,8 @@ class Dashboard:
         now = time.time() if now is None else now
         self._last_event_id = self.source.first_event_id()
         if self.live:
+            from rich.live import Live
+
             self._live = Live(console=self.console, auto_refresh=False, transient=False, vertical_overflow="visible")
             self._live.start()
         self.refresh(now)
@@ -430,6 +452,8 @@ def status_table(data: dict[str, Any], now: float | None = None, console: Consol
         if state not in painted:
             painted[state] = cell(2, state)
             if console is not None and console.is_terminal and _STATE_STYLE.get(state):
+                from rich.text import Text
+
                 with console.capture() as capture:
                     console.print(Text(state, style=_STATE_STYLE[state]), end="")
                 painted[state] = capture.get() + painted[state][len(state):]

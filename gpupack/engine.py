@@ -9,6 +9,7 @@ job when work is left, and exits 3. A second signal skips the rest of the grace 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -38,12 +39,13 @@ from .states import (
     WAITING,
     queue_state,
 )
-from .store import Event, ExperimentRow, Store, StoreError
+from .store import UNAVAILABLE_META, Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
+COMPACT_EVERY_S = 600.0
 
 
 @dataclass
@@ -112,7 +114,9 @@ class Engine:
         self.total_bytes = {g.key: g.total_bytes for g in self.inventory}
         self.several_nodes = len({g.node for g in self.inventory}) > 1
         self._last_sample = 0.0
+        self._last_compact = 0.0
         self._alloc_end: str | None = None
+        self._unavailable: dict[str, str] = {}  # "node:index" -> why it takes nothing new
         self.learned = Learned()
         # The scheduler's environment, read once: os.environ decodes every variable on each read.
         self._base_env = dict(os.environ)
@@ -217,6 +221,7 @@ class Engine:
                 track(str(self.manifest.run_dir), {n: r.attempt for n, r in self.running.items()})
             reading = self.probe.read(self._occupants(now, None))
             self._account(reading, now)
+            self._note_unavailable(reading)
             if self.signals.reason is not None:
                 return self._shutdown()
             requests = self._requests()
@@ -236,7 +241,7 @@ class Engine:
             )
             launched = 0
             for placement in decision.placements:
-                if not self.launcher.may_launch(self.clock()):
+                if not self.launcher.may_launch(time.monotonic()):
                     break  # backpressure (Slurm step creation): the rest waits for a later tick
                 self._launch(placement)
                 launched += 1
@@ -338,12 +343,33 @@ class Engine:
                     for g in reading.gpus
                 ],
             )
+            if now - self._last_compact >= COMPACT_EVERY_S:
+                self._last_compact = now
+                self.store.compact(now)  # bounded history over a 24-hour run (store.SAMPLE_TIERS)
             self.store.record_usage(
                 {
                     r.attempt_id: (r.peak_bytes or None, (r.util_sum / r.util_n) if r.util_n else None)
                     for r in self.running.values()
                 }
             )
+
+    def _note_unavailable(self, reading: Reading) -> None:
+        """Say when a GPU becomes unavailable (readings failing, node lost) or comes back, and
+        keep the current reasons in the store's meta for the dashboards' GPU rows."""
+        now = {f"{g.node}:{g.index}": g.unavailable for g in reading.gpus if g.unavailable}
+        if now == self._unavailable:
+            return
+        for key, why in now.items():
+            if self._unavailable.get(key) != why:
+                self._event("warn", None, f"{self._gpu_label(key)} unavailable: {why}; no new experiments there")
+        for key in self._unavailable.keys() - now.keys():
+            self._event("info", None, f"{self._gpu_label(key)} available again")
+        self._unavailable = now
+        self.store.set_meta({UNAVAILABLE_META: json.dumps(now, sort_keys=True)})
+
+    def _gpu_label(self, key: str) -> str:
+        node, index = key.rsplit(":", 1)
+        return f"gpu{index}" if len({g.node for g in self.inventory}) <= 1 else f"{node}:gpu{index}"
 
     # --- launch and reap ------------------------------------------------------------------
 
@@ -472,8 +498,10 @@ class Engine:
         # To each command alone (launch.Handle.preempt); one that has not recorded its pid yet
         # (launched a moment ago) is told on a later pass.
         untold = set(self.running)
-        deadline = now + self.options.grace_s
-        while self.running and self.clock() < deadline and self.signals.count == signals_at_stop:
+        # The grace period is measured on the monotonic clock: a wall clock stepped by NTP during
+        # it must neither cut it short (no checkpoint) nor stretch it past the allocation's end.
+        deadline = time.monotonic() + self.options.grace_s
+        while self.running and time.monotonic() < deadline and self.signals.count == signals_at_stop:
             for name in [n for n in untold if n in self.running]:
                 r = self.running[name]
                 if r.handle.preempt(r.preempt_signal):
@@ -484,7 +512,7 @@ class Engine:
                 if ended:
                     self._ended(r, code, self.clock(), interrupted=True)
             if self.running:
-                self.signals.sleep(min(0.5, max(0.0, deadline - self.clock())))
+                self.signals.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
         for r in list(self.running.values()):
             r.handle.kill()
         for r in list(self.running.values()):
@@ -583,8 +611,6 @@ def _gpus_text(inventory: list[GpuInfo]) -> str:
 
 
 def _gpus_json(inventory: list[GpuInfo]) -> str:
-    import json
-
     return json.dumps(
         [{"node": g.node, "index": g.index, "total_bytes": g.total_bytes, "name": g.name, "uuid": g.uuid} for g in inventory]
     )

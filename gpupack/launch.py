@@ -170,12 +170,8 @@ def group_alive(pgid: int) -> bool:
 
 
 def _only_zombies(pgid: int) -> bool:
-    try:
-        with open(f"/proc/{pgid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False  # leader gone but others in the group alive
-    return stat.rsplit(b")", 1)[-1].split()[0] == b"Z"
+    # Leader gone (None) but others in the group alive: not only zombies.
+    return procs.state(pgid) == b"Z"
 
 
 def read_int_file(path: Path) -> int | None:
@@ -203,7 +199,7 @@ def cmd_file_for(log_path: Path) -> Path:
 class Launcher(Protocol):
     def launch(self, spec: LaunchSpec) -> Handle: ...
 
-    def may_launch(self, now: float) -> bool: ...
+    def may_launch(self, now: float) -> bool: ...  # now: time.monotonic()
 
     def lost(self, name: str) -> str | None: ...
 
@@ -217,6 +213,11 @@ class LocalLauncher:
 
     def runs_here(self, node: str) -> bool:
         return True
+
+    def command_here(self, spec: LaunchSpec) -> bool:
+        """The attempt's one command process runs on this machine: its recorded pid is to be
+        signalled here (simulated nodes too: ranks.py is that one command)."""
+        return self.runs_here(spec.node)
 
     def may_launch(self, now: float) -> bool:
         return True
@@ -264,7 +265,7 @@ class LocalLauncher:
         # Our unreaped child: its pid (and so its start time) cannot change under us.
         return Handle(
             spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
-            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node),
+            identity=Identity.of_env(spec.env), local=self.command_here(spec),
         )
 
 
@@ -305,7 +306,9 @@ class SrunLauncher(LocalLauncher):
         self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
-        return dict(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
+        from .slurm_nodes import srun_env  # without SLURM_GPUS, which srun would take as --gpus
+
+        return srun_env(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
 
     def argv(self, spec: LaunchSpec) -> list[str]:
         from .slurm import srun_argv
@@ -335,10 +338,15 @@ class SrunLauncher(LocalLauncher):
     def runs_here(self, node: str) -> bool:
         return self.here is not None and node == self.here
 
+    def command_here(self, spec: LaunchSpec) -> bool:
+        # A multi-node step runs one command per node, all recording their pid in the one file:
+        # srun tells them all instead.
+        return self.runs_here(spec.node) and len(spec.nodes) <= 1
+
     def launch(self, spec: LaunchSpec) -> Handle:
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
         handle = super().launch(spec)
-        now = time.time()
+        now = time.monotonic()  # the throttle's clock, as may_launch() is given it
         self.throttle.launched(spec.name, now)
         self._watched[spec.name] = (spec.log_path, offset, now)
         self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))

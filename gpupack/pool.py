@@ -30,7 +30,7 @@ from . import _reader
 from .gpus import GpuInfo, GpuProbe, Reading, SimulatedProbe
 from .policy import GpuKey, GpuSnapshot, Occupant
 from .slurm import Allocation
-from .slurm_nodes import NodeWatch, reader_argv
+from .slurm_nodes import NodeWatch, reader_argv, srun_env
 
 STALE_S = 30.0
 RESTART_EVERY_S = 5.0
@@ -243,15 +243,23 @@ def for_allocation(
     python: str = sys.executable,
 ) -> tuple[PoolProbe, NodeWatch, list[str]]:
     """The pool of a multi-node allocation: `local` reads the batch node, a reader step each
-    other node (simulated GPUs of `spec` there too, when it is given). Returns the probe (readers
-    started, inventories in), the watch of lost nodes it shares with the launcher, and one line
-    per node left out."""
+    other node. With `spec` every node simulates it, each only with the GPUs the job holds there
+    (_reader.simulated_node: nodes may differ). Returns the probe (readers started, inventories
+    in), the watch of lost nodes it shares with the launcher, and one line per node left out."""
     batch = allocation.batch_node or allocation.nodes[0]
+    if spec and isinstance(local, SimulatedProbe):
+        local = SimulatedProbe(_reader.simulated_node(spec, batch, env, allocation.nodes))
     watch = NodeWatch(allocation.job_id, allocation.nodes)
     readers = [
-        NodeReader(node, reader_argv(node, python, every_s, run_dir, spec))
+        NodeReader(node, reader_argv(node, python, every_s, run_dir, spec, _held(allocation, node), allocation.nodes),
+                   srun_env(env))
         for node in allocation.nodes
         if node != batch
     ]
     probe = PoolProbe(local, readers, stale_s=stale_limit_s(every_s, env), watch=watch)
     return probe, watch, probe.start()
+
+
+def _held(allocation: Allocation, node: str) -> int | None:
+    """The job's GPU count on `node` where Slurm said (scontrol show job -d), else None."""
+    return len(allocation.node_gpu_ids[node]) if node in allocation.node_gpu_ids else None

@@ -44,13 +44,24 @@ def _stat_fields(pid: int) -> list[bytes] | None:
     return data.rsplit(b")", 1)[-1].split()
 
 
-def start_time(pid: int) -> int | None:
-    """Field 22, the start time in clock ticks since boot; None if the process is gone."""
+def _stat_int(pid: int, field: int) -> int | None:
+    """Field `field` (numbered as in proc(5)) of /proc/<pid>/stat as an int; None if gone."""
     fields = _stat_fields(pid)
     try:
-        return int(fields[19]) if fields else None
+        return int(fields[field - 3]) if fields else None
     except (IndexError, ValueError):
         return None
+
+
+def start_time(pid: int) -> int | None:
+    """Field 22, the start time in clock ticks since boot; None if the process is gone."""
+    return _stat_int(pid, 22)
+
+
+def state(pid: int) -> bytes | None:
+    """Field 3: R, S, Z ...; None if the process is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
 
 
 def is_same(pid: int, started: int | None) -> bool:
@@ -60,11 +71,7 @@ def is_same(pid: int, started: int | None) -> bool:
 
 
 def pgid_of(pid: int) -> int | None:
-    fields = _stat_fields(pid)
-    try:
-        return int(fields[2]) if fields else None
-    except (IndexError, ValueError):
-        return None
+    return _stat_int(pid, 5)
 
 
 def identity(pid: int) -> Identity | None:
@@ -115,8 +122,7 @@ def children(pid: int) -> list[int]:
         return found
     out = []
     for other in pids():
-        fields = _stat_fields(other)
-        if fields and len(fields) > 1 and fields[1] == str(pid).encode():
+        if _stat_int(other, 4) == pid:  # field 4: the parent
             out.append(other)
     return out
 

@@ -7,8 +7,8 @@ The rule (README "The run directory"):
 - it is alive on this host: its database, read-only (WAL readers on one host are safe);
 - no scheduler is alive: the database, opened without WAL side effects: `immutable=1` when no
   -wal file is left (a finished run: no lock, no -shm, nothing written, a read-only directory is
-  enough); with a -wal left by a killed scheduler, read-only, and where even that needs a write
-  this directory refuses, a private copy of the database and its -wal in a temporary directory.
+  enough); with a -wal left by a killed scheduler, a private copy of the database and its -wal in
+  a temporary directory (its -shm index is never shared, nothing is written in the run directory).
 
 `open_run(run_dir)` returns a RunSource: what status and watch need, from either side.
 `open_database(run_dir)` returns a read-only Store for results and report.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .dashboard import View, build_view
-from .publish import EVENTS_FILE, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
+from .publish import EVENTS_FILE, FORMAT, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
 from .status import status_data
 from .store import EventRow, Store, StoreError
 from .units import format_duration
@@ -86,11 +86,18 @@ class Writer:
 
 
 def read_status_file(run_dir: Path) -> dict[str, Any] | None:
-    """status.json, or None when it is missing or unreadable (mid-rename on some NFS clients)."""
+    """status.json, or None when it is missing, unreadable (mid-rename on some NFS clients) or
+    not in the format this gpupack reads (another version's scheduler)."""
     try:
         doc = json.loads((Path(run_dir) / STATUS_FILE).read_bytes())
-        return doc if isinstance(doc, dict) else None
-    except (OSError, ValueError):
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            return None
+        if "view" in doc:
+            view_from_json(doc["view"])  # a snapshot that does not parse is no snapshot
+            if not isinstance(doc.get("status"), dict) or not isinstance(doc["status"].get("experiments"), list):
+                return None
+        return doc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -109,19 +116,18 @@ def writer_of(doc: dict[str, Any] | None) -> Writer | None:
 
 
 def open_file(path: Path, writer_here: bool) -> Store:
+    """writer_here: a scheduler alive on this host writes it (WAL readers on one host are safe)."""
     if not path.is_file():
         raise StoreError(f"{path}: no such state database")
-    wal = Path(f"{path}-wal")
-    if not writer_here and not (wal.exists() and wal.stat().st_size > 0):
-        return Store(path, readonly=True, immutable=True)  # nothing to apply and nobody writing
-    try:
+    if writer_here:
         store = Store(path, readonly=True)
-        store.meta()  # SQLite opens lazily: this is where a missing -shm in a read-only directory fails
+        store.meta()  # SQLite opens lazily: fail here, not in the middle of a command
         return store
-    except (StoreError, sqlite3.Error):
-        if writer_here:
-            raise
-    # A killed scheduler's -wal in a directory we may not write: read a private copy of both.
+    wal = Path(f"{path}-wal")
+    if not (wal.exists() and wal.stat().st_size > 0):
+        return Store(path, readonly=True, immutable=True)  # nothing to apply and nobody writing
+    # A killed scheduler's -wal: read a private copy of both, never the shared -shm index (not
+    # coherent across NFS clients, and not even creatable in a read-only directory).
     tmp = tempfile.mkdtemp(prefix="gpupack-read-")
     try:
         shutil.copyfile(path, Path(tmp) / DB_FILE)

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +74,8 @@ class RunFacts:
     samples: list[tuple[float, str, int, float | None, int | None, int]]
     windows: list[Window]  # in time order
     gpus: dict[GpuKey, dict[str, Any]]  # every GPU the run had: name, total_bytes
+    # GPU -> (mean utilization, peak memory used), from the store (old samples are merged there)
+    usage: dict[GpuKey, tuple[float | None, int | None]] = field(default_factory=dict)
 
     @property
     def single_node(self) -> bool:
@@ -126,7 +127,7 @@ def load_facts(store: Store) -> RunFacts:
     for a in attempts:
         for n, g in a.keys:
             gpus.setdefault(gpu_key(gpus, n, g), {"name": "", "total_bytes": None})
-    return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())))
+    return RunFacts(meta, experiments, attempts, samples, windows, dict(sorted(gpus.items())), store.gpu_usage())
 
 
 def _run_gpus(text: object) -> frozenset[GpuKey] | None:
@@ -143,7 +144,7 @@ def _windows(store: Store, attempts: list[AttemptRow], samples: list[tuple[Any, 
     its last sign of life: a sample, an event or an attempt time before the next run began."""
     activity = sorted(
         [s[0] for s in samples]
-        + [e.t for e in store.events()]
+        + store.event_times()
         + [a.started_at for a in attempts]
         + [a.ended_at for a in attempts if a.ended_at is not None]
     )
@@ -170,13 +171,6 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
         by_exp[a.experiment].append(a)
         for key in facts.attempt_keys(a):
             by_gpu[key].append((a.started_at, facts.attempt_end(a)))
-    utils: dict[GpuKey, list[float]] = defaultdict(list)
-    peaks: dict[GpuKey, int] = {}
-    for _t, node, index, util, used, _total in facts.samples:
-        if util is not None:
-            utils[(node, index)].append(util)
-        if used is not None:
-            peaks[(node, index)] = max(used, peaks.get((node, index), 0))
     gpus = []
     for key, info in facts.gpus.items():
         busy_s, gpu_wall_s = union_seconds(by_gpu[key]), facts.wall_s(key)
@@ -185,7 +179,8 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
                 "gpu": gpu_label(key, facts.single_node), "node": key[0], "index": key[1], "name": info["name"],
                 "total_bytes": info["total_bytes"], "busy_s": busy_s, "wall_s": gpu_wall_s,
                 "busy_fraction": busy_s / gpu_wall_s if gpu_wall_s > 0 else None,
-                "mean_util_pct": _mean(utils[key]), "peak_used_bytes": peaks.get(key),
+                "mean_util_pct": facts.usage.get(key, (None, None))[0],
+                "peak_used_bytes": facts.usage.get(key, (None, None))[1],
             }
         )
     busy_total = sum(g["busy_s"] for g in gpus)
@@ -203,7 +198,7 @@ def summarize(facts: RunFacts) -> dict[str, Any]:
         "target": {"busy_fraction": TARGET_BUSY_FRACTION, "met": overall_fraction is not None and overall_fraction > TARGET_BUSY_FRACTION},
         "overall": {
             "gpus": len(gpus), "busy_fraction": overall_fraction, "busy_gpu_s": busy_total,
-            "mean_util_pct": _mean([u for us in utils.values() for u in us]),
+            "mean_util_pct": _mean([g["mean_util_pct"] for g in gpus if g["mean_util_pct"] is not None]),
         },
         "counts": {s: sum(c[s] for c in phases.values()) for s in STATES},
         "phases": [{"phase": p, "total": sum(c.values()), **{s: c[s] for s in STATES}} for p, c in phases.items()],
@@ -372,19 +367,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out + ["</table>"])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, store: Store | None = None) -> dict[str, Path]:
     """Writes summary.json, report.html (its timeline inline SVG) and, with png and matplotlib
     installed, timeline.png into out_dir (default <run>/report; another place for a read-only run
@@ -398,6 +380,8 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
 
         with closing(open_database(run_dir)) as own:
             return write_report(run_dir, png, out_dir, own)
+    from .publish import write_atomic  # whole files only: a reader never sees half a report
+
     facts = load_facts(store)
     summary = summarize(facts)
     lay = timeline_layout(facts, summary)
@@ -406,13 +390,13 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
     out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
     summary["timeline_png"] = "timeline.png" if image is not None else None
-    _write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
+    write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
     if image is not None:
         written["timeline"] = out / "timeline.png"
-        _write_atomic(written["timeline"], image)
+        write_atomic(written["timeline"], image)
     else:
         (out / "timeline.png").unlink(missing_ok=True)
     from . import timeline
 
-    _write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
+    write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
     return written

@@ -18,7 +18,7 @@ Every Slurm quirk gpupack depends on lives here (observed on Slurm 22.05, slurm/
     "gres-none"  `--gres=none`: the step holds no GPU, gpupack sets CUDA_VISIBLE_DEVICES inside
                  the step. Needs devices that are not cgroup-constrained (slurmstepd strips a
                  CUDA_VISIBLE_DEVICES passed in, so it is set by `env` in the step's argv).
-    "overlap"    `--overlap --gres=gpu:<all of the node's job GPUs>`: works with
+    "overlap"    `--overlap --gpus=<all of the node's job GPUs>`: works with
                  ConstrainDevices=yes (the step may open every GPU of the job on that node),
                  narrowed the same way; costs CPU isolation (overlapping steps share cores).
   `gpu_mode()` picks gres-none unless the cluster may constrain devices (task/cgroup).
@@ -449,7 +449,7 @@ def srun_argv(
     submitted with --export=NONE hands SLURM_EXPORT_ENV=NONE to srun, which would drop
     gpupack's variables. `env` sets CUDA_VISIBLE_DEVICES inside the step, since slurmstepd
     strips one passed in. In "overlap" mode `node_gpus` is the number of GPUs the job holds on
-    `node` (None: no --gres, Slurm's default for a step, all of them)."""
+    `node` (None: no GPU option, Slurm's default for a step, all of them)."""
     if mode not in GPU_MODES:
         raise ValueError(f"unknown GPU mode {mode!r}: expected one of {', '.join(GPU_MODES)}")
     if cpus < 1:
@@ -471,7 +471,10 @@ def srun_argv(
         return argv + ["--gres=none", "env", "-u", "CUDA_VISIBLE_DEVICES", *inner_argv]
     if mode == "overlap":
         # Without --gres a step asks for all of the job's GPUs on its node (Slurm >= 20.11).
-        argv += ["--overlap"] + ([f"--gres=gpu:{node_gpus}"] if node_gpus else [])
+        # --gpus=k, not --gres=gpu:k: in a job asked with --gpus=N over unlike nodes (4 + 2),
+        # 22.05 refuses --gres=gpu:4 on the node holding 4 ("Invalid generic resource").
+        many = len(nodes) > 1
+        argv += ["--overlap"] + ([f"--gpus-per-node={node_gpus}" if many else f"--gpus={node_gpus}"] if node_gpus else [])
     else:
         argv += ["--gres=none"]
     visible = ",".join(str(i) for i in gpu_indices)

@@ -29,14 +29,29 @@ def node_failures(text: str) -> set[str]:
     return {m[1] for m in _NODE_FAILURE.finditer(text)}
 
 
-def reader_argv(node: str, python: str, every_s: float, run_dir: str, gpus: str | None = None) -> list[str]:
-    """The reader step on `node`: JSON lines on its stdout (gpupack._reader)."""
+def reader_argv(
+    node: str, python: str, every_s: float, run_dir: str, gpus: str | None = None, node_gpus: int | None = None,
+    nodes: Sequence[str] = (),
+) -> list[str]:
+    """The reader step on `node`: JSON lines on its stdout (gpupack._reader). `node_gpus`: the
+    job's GPU count there; the step holds them all (`--overlap`, so do the experiments' steps),
+    which sets its CUDA_VISIBLE_DEVICES to them. None: Slurm's default, all of them, which
+    fails in a job asked with `--gpus=N` (the step would ask for N on one node). `--gpus=k`
+    rather than `--gres=gpu:k`, which 22.05 refuses on the larger node of such a job."""
+    gres = [] if node_gpus is None else ["--gres=none" if node_gpus == 0 else f"--gpus={node_gpus}"]
     argv = [
-        "srun", "--overlap", "-N1", "-n1", f"--nodelist={node}", "--job-name=gpupack-reader",
+        "srun", "--overlap", "-N1", "-n1", f"--nodelist={node}", "--job-name=gpupack-reader", *gres,
         "--mem=0", "--export=ALL", python, "-m", "gpupack._reader", "--node", node, "--every", f"{every_s:g}",
         "--run-dir", run_dir,
     ]
-    return argv + (["--gpus", gpus] if gpus else [])
+    return argv + (["--gpus", gpus, "--nodes", ",".join(nodes)] if gpus else [])
+
+
+def srun_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment for an srun client inside the job. Without SLURM_GPUS: in a job asked
+    with `--gpus=N`, srun reads it as its own `--gpus=N`, and every step that names its GPUs
+    (`--gpus=k`, `--gres=gpu:k`) fails: "Invalid generic resource (gres) specification"."""
+    return {k: v for k, v in env.items() if k != "SLURM_GPUS"}
 
 
 def show_node(node: str, *, run: Runner = run_command) -> dict[str, str]:

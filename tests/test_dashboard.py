@@ -185,3 +185,17 @@ def test_gpupack_run_writes_a_plain_job_log(write_manifest: Callable[[str], Path
     assert len(headers) == 2 and "| joblog |" in headers[0]  # the first and the final snapshot
     assert lines[lines.index(headers[1]) + 3].startswith("only  | #################### |  2/2 |")
     assert (tmp_path / "runs" / "joblog" / "report" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["status", "RUN"], ["status", "RUN", "--json"], ["results", "RUN"]])
+def test_commands_that_draw_nothing_import_neither_rich_nor_matplotlib(run_dir: Path, args: list[str]) -> None:
+    """Start-up cost: `--help`, piped `status` (plain text), `status --json` and `results` draw nothing."""
+    script = (
+        "import sys\nfrom gpupack import cli\ntry:\n    code = cli.main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+        "    code = exc.code\nloaded = sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'matplotlib'})\n"
+        "print('LOADED', loaded, code, file=sys.stderr)\n"
+    )
+    argv = [str(run_dir) if a == "RUN" else a for a in args]
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, env=gpupack_env(),
+                          cwd=ROOT, timeout=60)
+    assert "LOADED [] 0" in done.stderr, done.stderr[-2000:]

@@ -6,7 +6,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -87,10 +86,25 @@ def test_state_db_locked_by_another_process_is_waited_for(write_manifest, tmp_pa
         [os.sys.executable, "-m", "gpupack", "run", str(m), "--poll", "1", "--no-report"],
         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    released = threading.Timer(2.0, holder.execute, args=("COMMIT",))
-    released.start()
+    db = (run_dir / "state.db").resolve()
+
+    def waiting_on_the_lock() -> bool:
+        """gpupack has the database open and sleeps (SQLite's busy handler), or has exited."""
+        if proc.poll() is not None:
+            return True
+        try:
+            opened = any(os.readlink(f"/proc/{proc.pid}/fd/{fd}") == str(db) for fd in os.listdir(f"/proc/{proc.pid}/fd"))
+            with open(f"/proc/{proc.pid}/stat", "rb") as f:
+                sleeping = f.read().rsplit(b")", 1)[-1].split()[0] == b"S"
+        except OSError:
+            return False
+        return opened and sleeping
+
+    wait_for(waiting_on_the_lock, timeout=60, what="gpupack to reach the locked database")
+    assert proc.poll() is None, proc.communicate()  # it waits for the lock instead of giving up
+    assert by_name(run_dir)["a"]["attempts"] == 1  # and wrote nothing meanwhile
+    holder.execute("COMMIT")
     out, err = proc.communicate(timeout=90)
-    released.join()
     assert proc.returncode == 0, out + err
     assert by_name(run_dir)["a"]["attempts"] == 2
     holder.close()

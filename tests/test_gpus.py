@@ -335,3 +335,43 @@ def test_memory_is_attributed_by_run_directory_and_attempt_not_by_name_alone(tmp
         for p in (mine, other_run, old_attempt):
             p.kill()
             p.wait()
+
+
+def test_an_unavailable_gpu_takes_nothing_new_and_its_dashboard_row_says_why(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from gpupack import dashboard
+    from gpupack.engine import Engine, RunOptions
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    flaky = h100(1)
+    probe = NvmlProbe("n0", nvml=Nvml([h100(0), flaky]), env={})
+    flaky["fail"] = {"memory": pynvml.NVML_ERROR_GPU_IS_LOST}  # fell off the bus after the inventory
+    for _ in range(3):
+        probe.read({})
+    manifest = load_text(
+        "name: u\nphases: [{name: p, experiments: [{name: 'e{i}', grid: {i: [1, 2]}, cmd: 'true', mem: 50GB}]}]\n",
+        tmp_path / "m.yaml",
+    )
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    inventory = probe.inventory()
+    engine = Engine(manifest, store, probe, LocalLauncher(), inventory, RunOptions(poll_s=0.05))
+    engine.prepare()
+    assert engine.run() == 0
+    engine.close(0)
+    # 50 + 50 GB do not fit one 80 GB GPU, yet both ran on gpu0, one after the other
+    assert [a.gpus for a in store.attempts()] == [(0,), (0,)]
+    assert any(e.message == "gpu1 unavailable: NVML readings failing (GPU is lost); no new experiments there"
+               for e in store.events())
+    view = dashboard.build_view(store, 0.0)
+    assert [g.unavailable for g in view.gpus] == ["", "NVML readings failing (GPU is lost)"]
+    out = io.StringIO()
+    Console(file=out, width=200).print(dashboard._gpu_table(view, plain=True))
+    row = next(line for line in out.getvalue().splitlines() if line.strip().startswith("gpu1"))
+    assert "UNAVAILABLE: NVML readings failing (GPU is lost)" in row
+    store.close()

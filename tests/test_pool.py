@@ -273,4 +273,22 @@ def test_srun_launcher_tells_a_lost_step_from_a_finished_one(tmp_path: Path) -> 
     assert launcher.lost("a") is None
     assert launcher.argv(specs["b"])[:2] == ["srun", "--exact"]
     overlap = SrunLauncher("overlap", node_gpus={"n1": 4, "n2": 2})
-    assert "--gres=gpu:2" in overlap.argv(specs["b"]) and "--gres=gpu:4" in overlap.argv(specs["a"])
+    assert "--gpus=2" in overlap.argv(specs["b"]) and "--gpus=4" in overlap.argv(specs["a"])
+
+
+@pytest.mark.parametrize(
+    ("visible", "ids"),
+    [(None, ["0", "1", "2", "3"]), ("0,1", ["0", "1"]), ("2,3", ["2", "3"]), ("1,7", ["1"]), ("", [])],
+)
+def test_a_simulated_node_has_the_gpus_the_job_holds_there(visible: str | None, ids: list[str]) -> None:
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    gpus = _reader.simulated_node("4x80GB", "n2", env)
+    assert [g.cuda_id for g in gpus] == ids and [g.index for g in gpus] == list(range(len(ids)))
+    assert all(g.node == "n2" and g.total_bytes == 80 * GB for g in gpus)
+
+
+def test_a_spec_of_several_nodes_gives_each_node_its_own() -> None:
+    names = ("g1", "g2")
+    assert [g.total_bytes for g in _reader.simulated_node("4x80GB+2x40GB", "g2", {}, names)] == [40 * GB] * 2
+    assert [g.total_bytes for g in _reader.simulated_node("4x80GB+2x40GB", "g1", {}, names)] == [80 * GB] * 4
+    assert len(_reader.simulated_node("4x80GB", "g2", {}, names)) == 4  # one node's spec: every node's

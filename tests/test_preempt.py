@@ -72,3 +72,49 @@ def test_a_preempt_signal_nobody_knows_is_refused(write_manifest, tmp_path: Path
         f"gpupack: error: {m}: a: env.GPUPACK_PREEMPT_SIGNAL: unknown signal 'USR9' (expected a name like USR2 or a number)"
     ]
     assert not (tmp_path / "runs" / "badsig" / "state.db").exists()
+
+
+def test_a_wall_clock_step_during_the_grace_period_does_not_cut_it_short(tmp_path: Path) -> None:
+    """NTP steps the wall clock a day ahead at every look once the run stops: the grace period,
+    on the monotonic clock, still lets the trainer checkpoint."""
+    import threading
+    import time
+
+    from gpupack.engine import EXIT_STOPPED, Engine, RunOptions
+    from gpupack.gpus import SimulatedProbe, parse_gpu_spec
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    manifest = load_text(
+        f"name: ntp\nphases: [{{name: p, experiments: [{{name: t, cmd: '{TRAINER} 3000', mem: 1GB, resumable: true}}]}}]\n",
+        tmp_path / "m.yaml",
+    )
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    inventory = parse_gpu_spec("1x80GB", "n0")
+    steps = [0]
+
+    def wall() -> float:
+        if engine.signals.reason is not None:
+            steps[0] += 1
+        return time.time() + 86400.0 * steps[0]
+
+    engine = Engine(manifest, store, SimulatedProbe(inventory), LocalLauncher(), inventory,
+                    RunOptions(poll_s=0.05, grace_s=30), clock=wall)
+    engine.prepare()
+
+    def stop_when_started() -> None:
+        wait_for(started(manifest.run_dir, "t").exists, what="the trainer")
+        engine.signals.count += 1
+        engine.signals.reason = "terminated (TERM)"
+
+    stopper = threading.Thread(target=stop_when_started)
+    stopper.start()
+    assert engine.run() == EXIT_STOPPED
+    stopper.join()
+    engine.close(EXIT_STOPPED)
+    ckpt = json.loads((manifest.run_dir / "exp" / "t" / "checkpoint.json").read_text())
+    assert ckpt["workers_alive"] == 4
+    assert store.experiment_states() == {"t": "interrupted"}
+    store.close()

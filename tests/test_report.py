@@ -7,6 +7,7 @@ on node n1, 25 minutes in, with co-located, failed, retried, running and pending
 from __future__ import annotations
 
 import json
+import sys
 import math
 import os
 import shutil
@@ -190,13 +191,49 @@ def test_report_files_parse_and_html_is_self_contained(run_dir: Path) -> None:
     assert json.loads(paths["summary"].read_text())["experiments"][0]["name"] == "bridge-sst2-s1"
 
 
+class _ImportRecorder:
+    """A sys.meta_path finder that notes every attempt to import matplotlib and finds nothing."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name.split(".")[0] == "matplotlib":
+            self.names.append(name)
+        return None
+
+
+def _forget_matplotlib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unload matplotlib for this test (restored after), so that an import of it goes to the finders."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "matplotlib"]:
+        monkeypatch.delitem(sys.modules, name)
+
+
 def test_without_png_the_report_has_its_svg_timeline_and_no_stale_png(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The end of `gpupack run` writes no PNG (no matplotlib import); an older one is removed."""
+    """The end of `gpupack run` writes no PNG and does not even import matplotlib; an older PNG
+    is removed."""
     (run_dir / "report").mkdir()
     (run_dir / "report" / "timeline.png").write_bytes(b"old")
-    monkeypatch.setattr(report, "timeline_png", lambda lay: pytest.fail("drew a PNG"))
+    _forget_matplotlib(monkeypatch)
+    recorder = _ImportRecorder()
+    monkeypatch.setattr(sys, "meta_path", [recorder, *sys.meta_path])
     paths = report.write_report(run_dir, png=False)
+    assert recorder.names == []
     assert "timeline" not in paths and not (run_dir / "report" / "timeline.png").exists()
+    assert "<svg" in paths["html"].read_text()
+    assert json.loads(paths["summary"].read_text())["timeline_png"] is None
+
+
+def test_without_matplotlib_installed_the_report_still_has_everything_but_the_png(
+    run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpupack report` where the [report] extra is missing: matplotlib hidden, not stubbed."""
+    (run_dir / "report").mkdir()
+    (run_dir / "report" / "timeline.png").write_bytes(b"old")
+    _forget_matplotlib(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    paths = report.write_report(run_dir, png=True)
+    assert set(paths) == {"summary", "html"} and not (run_dir / "report" / "timeline.png").exists()
     assert "<svg" in paths["html"].read_text()
     assert json.loads(paths["summary"].read_text())["timeline_png"] is None
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from slurm_support import (  # noqa: F401 (fixtures)
-    RECORD, Jobs, gpupack_status, jobs, slurm_env, submit_gpupack, two_nodes, wait_for, wait_for_file,
+    RECORD, ROOT, Jobs, gpupack_status, jobs, slurm_env, submit_gpupack, two_nodes, wait_for, wait_for_file,
     wait_job_done,
 )
 
@@ -40,12 +40,12 @@ def most_at_once(spans: list[tuple[float, float]]) -> int:
 
 BAR = """\
 name: bar
-defaults: {{gpus: 1, mem: 60GB, time: 5s, cpus: 1}}
+defaults: {{gpus: 1, mem: 60GB, time: {seconds}s, cpus: 1}}
 phases:
   - name: main
     experiments:
       - name: "e{{i}}"
-        cmd: "{record} 5"
+        cmd: "{record} {seconds}"
         grid: {{i: [{grid}]}}
 """
 
@@ -53,7 +53,7 @@ phases:
 def test_two_node_job_packs_experiments_on_both_nodes(jobs: Jobs, tmp_path: Path, two_nodes: list[str]) -> None:
     # 16 experiments of 60 GB on 2 x 4 x 80 GB: one per GPU, two waves of 8.
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(BAR.format(record=RECORD, grid=", ".join(map(str, range(16)))))
+    manifest.write_text(BAR.format(record=RECORD, grid=", ".join(map(str, range(16))), seconds=5))
     job = submit_gpupack(jobs, tmp_path, manifest, sbatch_args=TWO_NODES)
     log = tmp_path / f"gpupack-{job}.out"
     wait_job_done(jobs, job, log, 180)
@@ -75,6 +75,31 @@ def test_two_node_job_packs_experiments_on_both_nodes(jobs: Jobs, tmp_path: Path
     makespan = max(e["ended_at"] for e in status.values()) - min(e["started_at"] for e in status.values())
     print(f"16 x (1 GPU, 60 GB, 5 s) on 2 nodes x 4 GPUs: makespan {makespan:.1f} s (ideal 10 s, bar 13 s)")
     assert "not heard from" not in log.read_text()  # the reader on the other node kept up
+
+
+@pytest.mark.parametrize("mode", ["gres-none", "overlap"])
+def test_nodes_holding_different_gpus_are_read_not_assumed(
+    jobs: Jobs, tmp_path: Path, two_nodes: list[str], mode: str
+) -> None:
+    # `--gpus=6` over two 4-GPU nodes: Slurm gives the job 4 GPUs on one node and 2 on the other.
+    # (sbatch refuses --gpus=6 beside the script's `--gres=gpu:4`, "not multiple of --gres=gpu".)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(BAR.format(record=RECORD, grid=", ".join(map(str, range(12))), seconds=2))
+    script = tmp_path / "parallel.slurm"
+    script.write_text("".join(line for line in (ROOT / "slurm" / "parallel.slurm").read_text().splitlines(True)
+                              if not line.startswith("#SBATCH --gres")))
+    job = jobs.sbatch("--nodes=2", "--gpus=6", str(script), str(manifest), "--gpus", "4x80GB", "--poll", "1",
+                      "--srun-mode", mode, cwd=tmp_path)
+    log = tmp_path / f"gpupack-{job}.out"
+    wait_job_done(jobs, job, log, 180)
+    run_dir = tmp_path / "runs" / "bar"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {e["state"] for e in status.values()} == {"succeeded"} and len(status) == 12, log.read_text()
+    held = {two_nodes[0]: {0, 1, 2, 3}, two_nodes[1]: {0, 1}}  # what `scontrol show job -d` says
+    used = {n: {e["gpus"][0] for e in status.values() if e["node"] == n} for n in two_nodes}
+    assert used == held, used
+    assert "12 experiments on 6 GPUs" in log.read_text()
+    assert most_at_once([(seen(run_dir, n)["start"], seen(run_dir, n)["end"]) for n in status]) == 6
 
 
 # --- a node lost mid-run --------------------------------------------------------------------
@@ -191,3 +216,46 @@ def test_requeued_two_node_job_skips_what_finished(jobs: Jobs, tmp_path: Path, t
     assert "6 already succeeded (skipped)" in text[run2:] and "quick-0 started" not in text[run2:]
     assert {e["node"] for e in status.values()} == set(two_nodes)  # the first run used both nodes
 
+
+
+# --- one experiment on both nodes -------------------------------------------------------------
+
+GLOO = """\
+name: gloo
+phases:
+  - name: main
+    experiments:
+      - name: pair
+        nodes: 2
+        gpus: 4
+        mem: 10GB
+        time: 1m
+        cmd: "python3 {script}"
+      - name: "single-{{i}}"
+        gpus: 1
+        mem: 10GB
+        cmd: "{record} 0.2"
+        grid: {{i: [0, 1]}}
+"""
+
+
+def test_a_two_node_experiment_exchanges_a_value_through_gloo(jobs: Jobs, tmp_path: Path, two_nodes: list[str]) -> None:
+    pytest.importorskip("torch")
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(GLOO.format(script=Path(__file__).parent / "bin" / "allreduce.py", record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest, sbatch_args=TWO_NODES)
+    log = tmp_path / f"gpupack-{job}.out"
+    wait_job_done(jobs, job, log, 240)
+    run_dir = tmp_path / "runs" / "gloo"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {e["state"] for e in status.values()} == {"succeeded"}, log.read_text()
+    ranks = [json.loads((run_dir / "exp" / "pair" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert [r["sum"] for r in ranks] == [30.0, 30.0] and [r["world"] for r in ranks] == [2, 2]
+    nodes = status["pair"]["node"].split(",")
+    assert sorted(nodes) == sorted(two_nodes)
+    for r, seen_ in enumerate(ranks):
+        assert seen_["SLURMD_NODENAME"] == nodes[r]  # rank r on the r-th node of the placement
+        assert seen_["RANK"] == seen_["NODE_RANK"] == seen_["GPUPACK_NODE_RANK"] == str(r)
+        assert seen_["WORLD_SIZE"] == seen_["GPUPACK_NNODES"] == "2" and seen_["GPUPACK_NODES"] == ",".join(nodes)
+        assert seen_["MASTER_ADDR"] == "127.0.0.1"  # the first node's NodeAddr on the test cluster
+        assert seen_["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"

@@ -53,8 +53,8 @@ def argv_for(mode: str, gpus: tuple[int, ...], node_gpus: int | None = 4) -> lis
         ("gres-none", (2,), ["--gres=none", "env", "CUDA_VISIBLE_DEVICES=2", *INNER]),
         ("gres-none", (1, 3), ["--gres=none", "env", "CUDA_VISIBLE_DEVICES=1,3", *INNER]),
         ("overlap", (), ["--gres=none", "env", "-u", "CUDA_VISIBLE_DEVICES", *INNER]),
-        ("overlap", (2,), ["--overlap", "--gres=gpu:4", "env", "CUDA_VISIBLE_DEVICES=2", *INNER]),
-        ("overlap", (1, 3), ["--overlap", "--gres=gpu:4", "env", "CUDA_VISIBLE_DEVICES=1,3", *INNER]),
+        ("overlap", (2,), ["--overlap", "--gpus=4", "env", "CUDA_VISIBLE_DEVICES=2", *INNER]),
+        ("overlap", (1, 3), ["--overlap", "--gpus=4", "env", "CUDA_VISIBLE_DEVICES=1,3", *INNER]),
     ],
 )
 def test_srun_argv_golden(mode: str, gpus: tuple[int, ...], tail: list[str]) -> None:
@@ -521,10 +521,10 @@ def test_node_address_and_reader_step() -> None:
     assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): SHOW_NODE_DOWN})) == "10.1.0.2"
     assert node_address("n2", run=FakeSlurm({("scontrol", "show", "node"): None})) == "n2"
     assert node_failures("x\nsrun: error: Node failure on n2\nsrun: error: Node failure on n3\n") == {"n2", "n3"}
-    assert reader_argv("n2", "/venv/bin/python", 5.0, "/runs/x", "4x80GB") == [
-        "srun", "--overlap", "-N1", "-n1", "--nodelist=n2", "--job-name=gpupack-reader", "--mem=0", "--export=ALL",
+    assert reader_argv("n2", "/venv/bin/python", 5.0, "/runs/x", "4x80GB", node_gpus=2) == [
+        "srun", "--overlap", "-N1", "-n1", "--nodelist=n2", "--job-name=gpupack-reader", "--gpus=2", "--mem=0", "--export=ALL",
         "/venv/bin/python", "-m", "gpupack._reader", "--node", "n2", "--every", "5", "--run-dir", "/runs/x",
-        "--gpus", "4x80GB",
+        "--gpus", "4x80GB", "--nodes", "",
     ]
 
 
@@ -555,3 +555,11 @@ def test_multi_node_task_takes_its_rank_from_its_node(node: str, node_id: str, r
            "SLURM_NODEID": node_id}
     out = subprocess.run(task, env=env, capture_output=True, text=True, timeout=30, check=True).stdout
     assert out.split() == [rank, rank, rank, "10.1.0.2"]
+
+
+def test_reader_step_holds_the_nodes_gpus_and_srun_forgets_the_jobs_gpu_total() -> None:
+    from gpupack.slurm_nodes import reader_argv, srun_env
+
+    assert "--gres=none" in reader_argv("n2", "python3", 1, "/r", node_gpus=0)
+    assert not any(a.startswith("--gres") for a in reader_argv("n2", "python3", 1, "/r"))  # unknown: Slurm's default
+    assert srun_env({"SLURM_GPUS": "6", "SLURM_JOB_ID": "5"}) == {"SLURM_JOB_ID": "5"}

@@ -80,6 +80,9 @@ def test_an_older_schema_is_migrated_and_a_newer_one_refused_in_one_line(tmp_pat
             pgid INTEGER, log_path TEXT NOT NULL, budget_bytes INTEGER, peak_bytes INTEGER, mean_util REAL,
             oom INTEGER NOT NULL DEFAULT 0, note TEXT, UNIQUE (experiment, number));
         INSERT INTO attempts (experiment, number, state, started_at, pgid, log_path) VALUES ('a', 1, 'running', 1.0, 4242, 'x.log');
+        CREATE TABLE gpu_samples (t REAL NOT NULL, node TEXT NOT NULL, gpu INTEGER NOT NULL, util REAL,
+            used_bytes INTEGER, total_bytes INTEGER);
+        INSERT INTO gpu_samples VALUES (1.0, 'n', 0, 50.0, 10, 80);
     """)
     db.commit()
     db.close()
@@ -89,6 +92,7 @@ def test_an_older_schema_is_migrated_and_a_newer_one_refused_in_one_line(tmp_pat
     assert store.leader_starts([1]) == {1: None}
     store.attempt_launched(1, 4243, leader_start=99)
     assert store.leader_starts([1]) == {1: 99}
+    assert store.gpu_usage() == {("n", 0): (50.0, 10)}  # a sample of schema 1 stands for one
     store.close()
 
     newer = tmp_path / "newer.db"
@@ -132,3 +136,40 @@ def test_the_aggregate_reads_agree_with_the_rows(store: Store) -> None:
     assert [e.name for e in left if e.in_manifest] == ["t0", "t2", "t3"] and all(e.params == {} for e in left)
     mark = store.change_mark()
     assert store.change_mark() == mark  # nothing changed, nothing to redraw
+
+
+def test_history_stays_bounded_over_a_long_run_and_keeps_its_figures(tmp_path: Path) -> None:
+    """Two days of 5-second samples of 2 GPUs and 30,000 events: old samples merged into buckets
+    (mean utilization and peak memory unchanged), only the latest MAX_EVENTS events kept."""
+    import json
+
+    from gpupack.store import MAX_EVENTS, SAMPLE_TIERS
+
+    store = Store(tmp_path / "state.db")
+    day = 86400.0
+    now = 2 * day
+    times = [i * 5.0 for i in range(int(now / 5))]
+    with store.batch():
+        for t in times:
+            # gpu0 busy 100% in the first hour of every 2, idle otherwise; gpu1 always 50%
+            util0 = 100.0 if (t // 3600) % 2 == 0 else 0.0
+            store.add_gpu_samples(t, [("n", 0, util0, int(t), 80), ("n", 1, 50.0, 7, 80)])
+    before = store.gpu_usage()
+    rows_before = len(store.gpu_samples())
+    with store.batch():
+        for i in range(30_000):
+            store.event("start" if i % 3 else "finish", None, f"event {i}", float(i))
+    store.compact(now)
+    rows_after = len(store.gpu_samples())
+    # per GPU: 1 h raw (720) + 23 h of 1-minute buckets (1,380) + 24 h of 15-minute ones (96)
+    assert rows_before == 2 * len(times) and rows_after <= 2 * (720 + 1380 + 96) + 4
+    after = store.gpu_usage()
+    assert after[("n", 1)] == (50.0, 7)
+    assert abs(after[("n", 0)][0] - before[("n", 0)][0]) < 1e-6 and after[("n", 0)][1] == before[("n", 0)][1]
+    recent = [s for s in store.gpu_samples() if s[0] >= now - SAMPLE_TIERS[0][0]]
+    assert len(recent) == 2 * 720  # the last hour is kept as read
+    events = store.events()
+    assert len(events) == MAX_EVENTS and events[-1].message == "event 29999"
+    assert json.loads(store.meta()["events_dropped"]) == {"finish": 3334, "start": 6666}
+    store.compact(now)  # nothing more to do: nothing changes
+    assert len(store.gpu_samples()) == rows_after and len(store.events()) == MAX_EVENTS
