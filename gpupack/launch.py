@@ -214,6 +214,11 @@ class LocalLauncher:
     def runs_here(self, node: str) -> bool:
         return True
 
+    def command_here(self, spec: LaunchSpec) -> bool:
+        """The attempt's one command process runs on this machine: its recorded pid is to be
+        signalled here (simulated nodes too: ranks.py is that one command)."""
+        return self.runs_here(spec.node)
+
     def may_launch(self, now: float) -> bool:
         return True
 
@@ -260,8 +265,7 @@ class LocalLauncher:
         # Our unreaped child: its pid (and so its start time) cannot change under us.
         return Handle(
             spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
-            # A multi-node step's ranks all record their pid in the one file: srun tells them all.
-            identity=Identity.of_env(spec.env), local=self.runs_here(spec.node) and len(spec.nodes) <= 1,
+            identity=Identity.of_env(spec.env), local=self.command_here(spec),
         )
 
 
@@ -333,6 +337,11 @@ class SrunLauncher(LocalLauncher):
 
     def runs_here(self, node: str) -> bool:
         return self.here is not None and node == self.here
+
+    def command_here(self, spec: LaunchSpec) -> bool:
+        # A multi-node step runs one command per node, all recording their pid in the one file:
+        # srun tells them all instead.
+        return self.runs_here(spec.node) and len(spec.nodes) <= 1
 
     def launch(self, spec: LaunchSpec) -> Handle:
         offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0

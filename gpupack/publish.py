@@ -14,7 +14,7 @@ database. The scheduler (the only writer) publishes instead, in the run director
     events.log    append-only, one JSON object per line: {"id", "t", "kind", "experiment",
                   "message"}; written by one process, whole lines at a time, so a reader takes the
                   complete lines and leaves a torn last one for later
-    snapshot.db   (published_db) a copy of state.db made with SQLite's online backup, in rollback-
+    snapshot.db   a copy of state.db made with SQLite's online backup, in rollback-
                   journal mode, replaced by rename: what `results` and `report` read on another
                   host while the run goes on. With --state-dir the live database is on node-local
                   disk and this copy is the run directory's state.db itself.
@@ -195,6 +195,15 @@ class Publisher:
         self._thread: threading.Thread | None = None
         self._events_path = self.run_dir / EVENTS_FILE
         self._last_event_id = _last_logged_id(self._events_path)
+        newest = store.events(limit=1)
+        if self._last_event_id > (newest[-1].id if newest else 0):
+            # The log goes further than this database: it is an earlier database's (state.db was
+            # deleted and started again). Keep it aside rather than append to it out of order.
+            try:
+                os.replace(self._events_path, self._events_path.with_name(EVENTS_FILE + ".old"))
+            except OSError:
+                pass  # best-effort: the log is a reader's convenience
+            self._last_event_id = 0
         self._torn = _torn_tail(self._events_path)
         self._ended: dict[str, Any] | None = None
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .dashboard import View, build_view
-from .publish import EVENTS_FILE, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
+from .publish import EVENTS_FILE, FORMAT, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
 from .status import status_data
 from .store import EventRow, Store, StoreError
 from .units import format_duration
@@ -86,11 +86,18 @@ class Writer:
 
 
 def read_status_file(run_dir: Path) -> dict[str, Any] | None:
-    """status.json, or None when it is missing or unreadable (mid-rename on some NFS clients)."""
+    """status.json, or None when it is missing, unreadable (mid-rename on some NFS clients) or
+    not in the format this gpupack reads (another version's scheduler)."""
     try:
         doc = json.loads((Path(run_dir) / STATUS_FILE).read_bytes())
-        return doc if isinstance(doc, dict) else None
-    except (OSError, ValueError):
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            return None
+        if "view" in doc:
+            view_from_json(doc["view"])  # a snapshot that does not parse is no snapshot
+            if not isinstance(doc.get("status"), dict) or not isinstance(doc["status"].get("experiments"), list):
+                return None
+        return doc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -78,6 +78,30 @@ def test_events_log_is_appended_once_and_survives_a_torn_line(run_dir: Path) -> 
     assert [e.message for e in later] == ["after the restart"]  # the torn fragment is skipped
 
 
+def test_a_new_database_starts_a_new_events_log(run_dir: Path, tmp_path: Path) -> None:
+    _publish(run_dir)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copyfile(run_dir / "events.log", fresh / "events.log")  # state.db deleted, the log left
+    store = Store(fresh / "state.db")
+    store.event("info", None, "first of the new database", NOW)
+    publish.Publisher(fresh, store, poll_s=1.0, job_id=None).tick(NOW, force=True)
+    store.close()
+    assert [e.message for e in publish.read_events(fresh / "events.log", 0)[0]] == ["first of the new database"]
+    assert len(publish.read_events(fresh / "events.log.old", 0)[0]) == 15
+
+
+def test_a_snapshot_of_another_format_is_not_read(run_dir: Path) -> None:
+    _publish(run_dir)
+    _as_other_host(run_dir, time.time())
+    doc = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**doc, "view": {"run": "x"}}))  # another version's
+    assert reader.read_status_file(run_dir) is None
+    source = reader.open_run(run_dir)
+    assert source.source == "database"
+    source.close()
+
+
 def test_a_live_writer_on_another_host_is_read_from_the_snapshot(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _publish(run_dir)
     now = time.time()

@@ -172,3 +172,50 @@ def test_two_hosts_without_flock_never_both_hold_the_run(tmp_path: Path) -> None
     finally:
         b.kill()
         b.wait()
+
+
+# `gpupack run` itself on a file system that refuses flock (the same one-syscall double).
+RUN_NO_FLOCK = """
+import errno, sys
+from gpupack import runlock
+def flock(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")
+runlock.fcntl.flock = flock
+from gpupack.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_gpupack_run_without_flock_holds_and_releases_the_owner_file(write_manifest, tmp_path: Path) -> None:
+    from conftest import RECORD, started
+
+    m = write_manifest(f"""
+        name: lustre
+        phases:
+          - name: p
+            experiments:
+              - name: a
+                cmd: {RECORD} 1
+                mem: 10GB
+        """)
+    run_dir = tmp_path / "runs" / "lustre"
+    env = gpupack_env(GPUPACK_GPUS="1x80GB")
+    first = subprocess.Popen([sys.executable, "-c", RUN_NO_FLOCK, "run", str(m), "--poll", "0.2", "--no-report"],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: started(run_dir, "a").exists(), timeout=60, what="the first run's experiment")
+        assert json.loads((run_dir / "lock.owner").read_text())["pid"] == first.pid
+        second = subprocess.run([sys.executable, "-c", RUN_NO_FLOCK, "run", str(m), "--no-report"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines() == [
+            f"gpupack: error: {run_dir}: another gpupack run is using this run directory (pid {first.pid} on "
+            f"{socket.gethostname()}, flock unavailable: lock.owner); wait for it to end or stop it first"
+        ]
+        out, _ = first.communicate(timeout=60)
+        assert first.returncode == 0, out
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert not (run_dir / "lock.owner").exists()
