@@ -57,7 +57,7 @@ from __future__ import annotations
 import enum
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 # A candidate whose critical path is at least this share of the remaining GPU work per GPU goes
 # ahead of earlier phases (see Priority above).
@@ -98,6 +98,12 @@ class Request:
     phase: str = ""  # phase name, for waiting reasons only
     util: float = 1.0  # share of a GPU's compute it keeps busy alone (0-1)
     nodes: int = 1  # >1: spans that many whole nodes (one rank per node), `gpus` on each
+    # All that decides where it fits (requests of one shape fit or fail alike), worked out once:
+    # a plan calls place() once per event over the whole queue.
+    shape: tuple[object, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", (self.gpus, self.mem_bytes, self.exclusive, self.cpus, self.nodes))
 
     @property
     def holds_whole(self) -> bool:
@@ -223,6 +229,12 @@ class _Gpu:
     util_sum: float = 0.0  # compute share its occupants keep busy
     unavailable: str = ""  # GpuSnapshot.unavailable: takes nobody new
 
+    def clone(self) -> _Gpu:
+        """A copy (dataclasses.replace costs ten times as much, and a reservation copies every GPU)."""
+        other = object.__new__(_Gpu)
+        other.__dict__.update(self.__dict__)
+        return other
+
     def load_after(self, req: Request) -> float:
         """How oversubscribed this GPU's compute is once `req` joins: 1 while the utils sum to at
         most 1 (nobody slows down), else their sum (everyone runs at 1/sum)."""
@@ -270,7 +282,7 @@ class _View:
     def copy(self) -> _View:
         other = object.__new__(_View)
         other.headroom, other.cpu_limit, other.nodes = self.headroom, self.cpu_limit, self.nodes
-        other.gpus = {k: replace(g) for k, g in self.gpus.items()}
+        other.gpus = {k: g.clone() for k, g in self.gpus.items()}
         other.by_node = {n: [other.gpus[g.key] for g in gs] for n, gs in self.by_node.items()}
         other.cpu_used = dict(self.cpu_used)
         return other
@@ -448,10 +460,14 @@ def _reserve(
         else:
             steps.append((c.end_s, [c]))
     steps += [(None, [c]) for c in claims if c.end_s is None]
+    tried = False
     for end_s, released in steps:
         for c in released:
             future.add(c, -1)
-        p = future.find(head)
+        # A one-node head that did not fit can only fit now where something was released.
+        touched = {n for c in released for n in c.nodes}
+        p = future.find(head, node_ok=None if head.nodes > 1 or not tried else touched.__contains__)
+        tried = True
         if p is None:
             continue
         if end_s is None:
@@ -487,9 +503,9 @@ def place(
     """
     waiting: dict[str, str] = {}
     why: dict[str, Wait] = {}
-    candidates, live = _candidates(requests, states, waiting, why)
+    candidates, live, pending = _candidates(requests, states, waiting, why)
     cp = _critical_paths(live)
-    urgent = _urgent(candidates, live, states, occupants, cp, len(gpus), now_s)
+    urgent = _urgent(candidates, pending, occupants, cp, len(gpus), now_s)
     candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp[r.name], r.time_s is None,
                                    -(r.time_s or 0.0), r.order))
 
@@ -509,7 +525,7 @@ def place(
             waiting[req.name] = f"needs {need}, {have} left in the allocation"
             why[req.name] = Wait.TIME_LEFT
             continue
-        shape = (req.gpus, req.mem_bytes, req.exclusive, req.cpus, req.nodes)
+        shape = req.shape
         guard = hold if hold is not None and hold.outlasts(req, now_s) else None
         reason, kind = failed.get((shape, False)), Wait.RESOURCES
         if reason is None and guard:
@@ -547,17 +563,22 @@ def place(
 
 def _candidates(
     requests: Sequence[Request], states: Mapping[str, State], waiting: dict[str, str], why: dict[str, Wait]
-) -> tuple[list[Request], dict[str, Request]]:
-    """PENDING requests free to start, and every not-ended request by name; the pending ones
-    that may not start get their reason in `waiting`. One pass over `requests`: most have ended."""
+) -> tuple[list[Request], dict[str, Request], list[Request]]:
+    """PENDING requests free to start, every not-ended request by name, and every PENDING one;
+    the pending ones that may not start get their reason in `waiting`. One pass over `requests`:
+    most have ended."""
     pending, running = State.PENDING, State.RUNNING
     live: dict[str, Request] = {}
+    waiting_ones: list[Request] = []  # the PENDING ones
     phase_of: dict[int, Request] = {}  # phase -> its first request (barrier flag, name)
     for r in requests:
         if r.phase_index not in phase_of:
             phase_of[r.phase_index] = r
         st = states.get(r.name, pending)
-        if st is pending or st is running:
+        if st is pending:
+            live[r.name] = r
+            waiting_ones.append(r)
+        elif st is running:
             live[r.name] = r
     unended = Counter(r.phase_index for r in live.values())
     blocked: dict[int, tuple[Request, int]] = {}  # phase -> (the closed barrier's phase, count before it)
@@ -570,8 +591,9 @@ def _candidates(
         before += unended[idx]
 
     out = []
-    for r in live.values():
-        if states.get(r.name, pending) is not pending:
+    for r in waiting_ones:
+        if not blocked and not r.depends_on:  # most of a large queue: free to start
+            out.append(r)
             continue
         if r.phase_index in blocked:
             first, n = blocked[r.phase_index]
@@ -588,13 +610,12 @@ def _candidates(
         more = f" and {len(unmet) - 1} more" if len(unmet) > 1 else ""
         waiting[r.name] = dead or f"waiting for dependency {unmet[0]}{more}"
         why[r.name] = Wait.DEPENDENCY_FAILED if dead else Wait.DEPENDENCY
-    return out, live
+    return out, live, waiting_ones
 
 
 def _urgent(
     candidates: Sequence[Request],
-    live: Mapping[str, Request],
-    states: Mapping[str, State],
+    pending: Sequence[Request],
     occupants: Sequence[Occupant],
     cp: Mapping[str, float],
     n_gpus: int,
@@ -604,8 +625,7 @@ def _urgent(
     GPU: they go ahead of earlier phases (module docstring). Unknown times count 0."""
     if not n_gpus:
         return set()
-    work = sum((r.time_s or 0.0) * r.gpus * r.nodes * r.util for r in live.values()
-               if r.gpus and states.get(r.name, State.PENDING) is State.PENDING)
+    work = sum((r.time_s or 0.0) * r.gpus * r.nodes * r.util for r in pending if r.gpus)
     work += sum(max(0.0, o.expected_end_s - now_s) * len(o.gpus) * o.util
                 for o in occupants if o.expected_end_s is not None)
     floor = URGENT_SHARE * work / n_gpus
@@ -618,6 +638,8 @@ def _critical_paths(live: Mapping[str, Request]) -> dict[str, float]:
     Walks the dependency graph once from its sinks (Kahn), so a 10,000-long chain costs no
     recursion. Members of a cycle (the manifest refuses them) keep their own time.
     """
+    if not any(r.depends_on for r in live.values()):  # a sweep: every path is its own time
+        return {name: r.time_s or 0.0 for name, r in live.items()}
     dependants = dict.fromkeys(live, 0)
     for r in live.values():
         for d in r.depends_on:

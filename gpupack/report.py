@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -368,19 +367,6 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out + ["</table>"])
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, store: Store | None = None) -> dict[str, Path]:
     """Writes summary.json, report.html (its timeline inline SVG) and, with png and matplotlib
     installed, timeline.png into out_dir (default <run>/report; another place for a read-only run
@@ -394,6 +380,8 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
 
         with closing(open_database(run_dir)) as own:
             return write_report(run_dir, png, out_dir, own)
+    from .publish import write_atomic  # whole files only: a reader never sees half a report
+
     facts = load_facts(store)
     summary = summarize(facts)
     lay = timeline_layout(facts, summary)
@@ -402,13 +390,13 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
     out.mkdir(parents=True, exist_ok=True)
     written = {"summary": out / "summary.json", "html": out / "report.html"}
     summary["timeline_png"] = "timeline.png" if image is not None else None
-    _write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
+    write_atomic(written["summary"], dumps_rows(summary, "experiments").encode())
     if image is not None:
         written["timeline"] = out / "timeline.png"
-        _write_atomic(written["timeline"], image)
+        write_atomic(written["timeline"], image)
     else:
         (out / "timeline.png").unlink(missing_ok=True)
     from . import timeline
 
-    _write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
+    write_atomic(written["html"], render_html(summary, timeline.svg(lay)).encode())
     return written

@@ -147,7 +147,7 @@ def simulate(
             left = None if time_limit_s is None else time_limit_s - now
             # Ended requests change nothing in place() (their states say it), so they are left
             # out: each call then costs what is still to do, not the whole plan.
-            requests = [r for r in requests if not states[r.name].ended]
+            requests = [r for r in requests if states[r.name] is not State.SUCCEEDED]  # the only end here
             decision = policy.place(
                 requests, states, reading.gpus, occupants, now, policy.Limits(headroom_bytes, None, left)
             )
