@@ -98,12 +98,15 @@ class Request:
     phase: str = ""  # phase name, for waiting reasons only
     util: float = 1.0  # share of a GPU's compute it keeps busy alone (0-1)
     nodes: int = 1  # >1: spans that many whole nodes (one rank per node), `gpus` on each
-    # All that decides where it fits (requests of one shape fit or fail alike), worked out once:
-    # a plan calls place() once per event over the whole queue.
+    # Worked out once, as a plan calls place() once per event over the whole queue: all that
+    # decides where it fits (requests of one shape fit or fail alike), and its priority when no
+    # dependants or urgency reorder it (phase, longest first, unknown time last, manifest order).
     shape: tuple[object, ...] = field(init=False, repr=False, compare=False)
+    rank: tuple[object, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", (self.gpus, self.mem_bytes, self.exclusive, self.cpus, self.nodes))
+        object.__setattr__(self, "rank", (self.phase_index, -(self.time_s or 0.0), self.time_s is None, self.order))
 
     @property
     def holds_whole(self) -> bool:
@@ -278,6 +281,7 @@ class _View:
                 self.by_node.setdefault(snap.node, []).append(g)
         self.nodes = list(self.by_node) + [n for n in self.cpu_limit if n not in self.by_node]
         self.cpu_used: dict[str, int] = dict.fromkeys(self.nodes, 0)
+        self._summary: dict[str, tuple[list[int], int]] = {}  # node -> summary(), until a claim there changes
 
     def copy(self) -> _View:
         other = object.__new__(_View)
@@ -285,7 +289,19 @@ class _View:
         other.gpus = {k: g.clone() for k, g in self.gpus.items()}
         other.by_node = {n: [other.gpus[g.key] for g in gs] for n, gs in self.by_node.items()}
         other.cpu_used = dict(self.cpu_used)
+        other._summary = dict(self._summary)
         return other
+
+    def summary(self, node: str) -> tuple[list[int], int]:
+        """(the rooms of its GPUs that take someone, largest first; how many have no occupant and
+        take people new): enough to pass over a node that cannot fit a request without looking at
+        each GPU again. Many searches of one call fail on the same unchanged nodes."""
+        known = self._summary.get(node)
+        if known is None:
+            gs = self.by_node.get(node, ())
+            rooms = sorted((r for g in gs if (r := g.room(self.headroom)) is not None), reverse=True)
+            known = self._summary[node] = (rooms, sum(1 for g in gs if not g.occupants and not g.unavailable))
+        return known
 
     def add(self, c: _Claim, sign: int = 1) -> None:
         """Load (sign 1) or release (sign -1) a claim. The live reading already shows what a
@@ -302,6 +318,7 @@ class _View:
                 g.unalloc_sum += sign * max(0, c.budget_bytes - c.observed_bytes)
             if sign < 0 and g.free_bytes is not None:
                 g.free_bytes += c.observed_bytes
+            self._summary.pop(key[0], None)
         for node in c.nodes:
             self.cpu_used[node] = self.cpu_used.get(node, 0) + sign * c.cpus
 
@@ -332,6 +349,9 @@ class _View:
             return Placement(req.name, nodes[0], ()) if nodes else None
         best: tuple[tuple[float, int, int], str, list[_Gpu]] | None = None
         for node in nodes:
+            rooms, empty = self.summary(node)
+            if empty < req.gpus if req.holds_whole else len(rooms) < req.gpus or rooms[req.gpus - 1] < (req.mem_bytes or 0):
+                continue  # too few GPUs here could take it, whatever gpu_ok says
             fits = []
             for g in self.by_node.get(node, ()):
                 hole = g.hole_after(req, self.headroom)
@@ -506,8 +526,11 @@ def place(
     candidates, live, pending = _candidates(requests, states, waiting, why)
     cp = _critical_paths(live)
     urgent = _urgent(candidates, pending, occupants, cp, len(gpus), now_s)
-    candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp[r.name], r.time_s is None,
-                                   -(r.time_s or 0.0), r.order))
+    if cp or urgent:
+        candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp.get(r.name, r.time_s or 0.0),
+                                       r.time_s is None, -(r.time_s or 0.0), r.order))
+    else:  # every critical path is its own time: the same order, from keys made once
+        candidates.sort(key=lambda r: r.rank)
 
     view = _View(gpus, limits)
     claims = [_occupant_claim(o) for o in occupants]
@@ -629,17 +652,18 @@ def _urgent(
     work += sum(max(0.0, o.expected_end_s - now_s) * len(o.gpus) * o.util
                 for o in occupants if o.expected_end_s is not None)
     floor = URGENT_SHARE * work / n_gpus
-    return {r.name for r in candidates if r.gpus and cp[r.name] > 0 and cp[r.name] >= floor}
+    return {r.name for r in candidates if r.gpus and (c := cp.get(r.name, r.time_s or 0.0)) > 0 and c >= floor}
 
 
 def _critical_paths(live: Mapping[str, Request]) -> dict[str, float]:
-    """Own time + longest chain of not-ended dependants' times, for every not-ended request.
+    """Own time + longest chain of not-ended dependants' times, for every not-ended request;
+    empty when no request depends on another: every path is then its own time (unknown: 0).
 
     Walks the dependency graph once from its sinks (Kahn), so a 10,000-long chain costs no
     recursion. Members of a cycle (the manifest refuses them) keep their own time.
     """
-    if not any(r.depends_on for r in live.values()):  # a sweep: every path is its own time
-        return {name: r.time_s or 0.0 for name, r in live.items()}
+    if not any(r.depends_on for r in live.values()):  # a sweep
+        return {}
     dependants = dict.fromkeys(live, 0)
     for r in live.values():
         for d in r.depends_on:

@@ -243,9 +243,12 @@ class DatabaseSource:
 
     source = "database"
 
-    def __init__(self, run_dir: Path, store: Store):
+    def __init__(self, run_dir: Path, store: Store, frozen: bool = False):
+        """frozen: opened with no scheduler alive (immutable, or a private copy): what it shows
+        never changes, so a watch on it ends instead of waiting for a scheduler that is not there."""
         self.run_dir = Path(run_dir)
         self.store = store
+        self.frozen = frozen
         self._writer = writer_of(read_status_file(self.run_dir))
         try:
             self.log_every_s = float(store.meta().get("log_every") or 60)
@@ -280,11 +283,15 @@ class DatabaseSource:
         last = runs[-1]
         if last["ended_at"] is not None:
             return f"run ended (exit code {last['exit_code']})"
+        if self.frozen and self._writer is not None and self._writer.alive(now):
+            return f"a new scheduler started ({self._writer.who()}): run `gpupack watch` again to follow it"
         writer = self._current_writer(last)
         if writer is not None:
             if writer.ended is not None:
                 return f"run ended (exit code {writer.ended.get('exit_code')})"
             return None if writer.alive(now) else writer.line(now)
+        if self.frozen and last["host"] != socket.gethostname():
+            return f"no scheduler is alive: the last one (pid {last['pid']} on {last['host']}) recorded no end and no heartbeat"
         if last["host"] == socket.gethostname():  # a scheduler that published nothing (older gpupack)
             try:
                 os.kill(int(str(last["pid"])), 0)
@@ -312,6 +319,7 @@ def open_run(run_dir: Path, now: float | None = None) -> RunSource:
     now = time.time() if now is None else now
     doc = read_status_file(run_dir)
     writer = writer_of(doc)
-    if doc is not None and writer is not None and "view" in doc and not writer.here and writer.alive(now):
+    alive = writer is not None and writer.alive(now)
+    if doc is not None and writer is not None and "view" in doc and not writer.here and alive:
         return SnapshotSource(run_dir, doc)
-    return DatabaseSource(run_dir, open_database(run_dir, now))
+    return DatabaseSource(run_dir, open_database(run_dir, now), frozen=not alive)

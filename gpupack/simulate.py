@@ -67,6 +67,7 @@ class _Running:
     start_s: float
     work_left_s: float  # seconds of work at full speed
     budget_bytes: int | None
+    occupant: Occupant | None = None  # made again only when its reading changes (every event reads)
 
 
 @dataclass
@@ -118,13 +119,17 @@ def _rates(running: Mapping[str, _Running]) -> dict[str, float]:
     return {name: min((1.0 / max(1.0, load[k]) for k in r.gpus), default=1.0) for name, r in running.items()}
 
 
-def _occupant(name: str, r: _Running, observed_bytes: int = 0) -> Occupant:
-    """What the engine's `_occupants` makes of a running experiment."""
-    end = None if r.exp.time_s is None else r.start_s + r.exp.time_s
-    return Occupant(
-        name, r.gpus, r.budget_bytes, r.exp.exclusive, observed_bytes=observed_bytes, cpus=r.exp.cpus, node=r.node,
-        expected_end_s=end, util=r.exp.util,
-    )
+def _occupant(name: str, r: _Running, observed_bytes: int | None = None) -> Occupant:
+    """What the engine's `_occupants` makes of a running experiment; None: any reading (the
+    simulated probe looks only at GPUs, budget and util)."""
+    o = r.occupant
+    if o is None or (observed_bytes is not None and o.observed_bytes != observed_bytes):
+        end = None if r.exp.time_s is None else r.start_s + r.exp.time_s
+        o = r.occupant = Occupant(
+            name, r.gpus, r.budget_bytes, r.exp.exclusive, observed_bytes=observed_bytes or 0, cpus=r.exp.cpus,
+            node=r.node, expected_end_s=end, util=r.exp.util,
+        )
+    return o
 
 
 def simulate(

@@ -148,7 +148,18 @@ def test_the_last_snapshot_says_the_run_ended(run_dir: Path) -> None:
     _as_other_host(run_dir, time.time())
     source = reader.open_run(run_dir)
     assert source.source == "database"  # nobody writes any more
-    assert source.poll(time.time()) is None  # the fixture's runs row has no end, the heartbeat matches another run
+    # The database's last run (another host's, the fixture's) recorded no end, and the heartbeat
+    # is another run's: nobody will ever change what this reader shows, so a watch ends.
+    assert source.poll(time.time()) == (
+        "no scheduler is alive: the last one (pid 4000000 on elsewhere) recorded no end and no heartbeat"
+    )
+    source.close()
+    # A scheduler starts while a reader holds the frozen database: the reader says so.
+    source = reader.open_run(run_dir)
+    doc = json.loads((run_dir / "status.json").read_text())
+    doc["ended"] = None
+    (run_dir / "status.json").write_text(json.dumps(doc))
+    assert source.poll(time.time()) == "a new scheduler started (pid 1 on compute-7, job 4242): run `gpupack watch` again to follow it"
     source.close()
 
 

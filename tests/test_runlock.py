@@ -144,7 +144,10 @@ def _on_host(host: str, *args: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare (util-linux) for a second hostname")
+@pytest.mark.skipif(
+    shutil.which("unshare") is None or subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode != 0,
+    reason="needs `unshare --uts` (root, util-linux) for a second hostname",
+)
 def test_two_hosts_without_flock_never_both_hold_the_run(tmp_path: Path) -> None:
     a = _on_host("node-a", str(tmp_path), "noflock")
     try:
