@@ -179,8 +179,6 @@ def run(args: RunArgs, console: Console) -> int:
             eng.prepare()
             for line in notes:
                 store.event("warn", None, line)
-            if pool is not None:
-                pool.note = lambda line: store.event("warn", None, line)
             board.start()
             code = eng.run()
         except StoreError as exc:

@@ -6,8 +6,8 @@ Reading, so the engine and the policy see one pool of GPUs keyed (node, index):
 
 - a reader that exits is started again, at most every `restart_every_s`;
 - a node not heard from for `stale_s` (default 30 s, env GPUPACK_READER_STALE_S; never less than
-  three reader intervals) has its GPUs marked unavailable, "not heard from for 42s", so nothing
-  new starts there until its readings resume;
+  three reader intervals) has its GPUs marked unavailable, "not heard from for over 30s", so
+  nothing new starts there until its readings resume (the engine logs each change);
 - a node the allocation lost (slurm_nodes.NodeWatch) has its GPUs unavailable for good, and its
   reader is not restarted;
 - a simulated node (the reader was given `--gpus`) reports only that it is alive: its memory is
@@ -143,7 +143,6 @@ class PoolProbe:
         restart_every_s: float = RESTART_EVERY_S,
         watch: LostNodes | None = None,
         clock: Callable[[], float] = time.time,
-        note: Callable[[str], None] = lambda message: None,
     ):
         self.local = local
         self.readers = list(readers)
@@ -151,10 +150,8 @@ class PoolProbe:
         self.restart_every_s = restart_every_s
         self.watch = watch
         self.clock = clock
-        self.note = note  # node lost / silent / back: one line for the run's events
         self._inventory: list[GpuInfo] = list(local.inventory())
         self._simulated: dict[str, SimulatedProbe] = {}
-        self._unavailable: dict[str, str] = {}  # node -> reason, as last noted
         self._attempts: dict[str, int] | None = None  # current attempts (track), None: any
         self._ended: set[str] = set()  # nodes whose reader had ended at the last read
 
@@ -210,7 +207,10 @@ class PoolProbe:
             if not why and (heard_at is None or now - heard_at > self.stale_s):
                 silent = now - (heard_at if heard_at is not None else r.started_at)
                 if silent > self.stale_s:
-                    why = f"not heard from for {silent:.0f}s"
+                    # Worded the same while it lasts: the engine says each change of reason.
+                    why = f"not heard from for over {self.stale_s:.0f}s"
+                    if r.last_message:
+                        why += f" (its reader: {r.last_message})"
             if why or reading is None:
                 gpus += [GpuSnapshot(g.node, g.index, g.total_bytes, None, None, g.uuid, unavailable=why) for g in r.inventory]
             elif r.node in self._simulated:
@@ -220,19 +220,7 @@ class PoolProbe:
                 gpus += remote.gpus
                 for name, per_gpu in remote.usage.items():
                     usage.setdefault(name, {}).update(per_gpu)
-            self._changed(r, why)
         return Reading(tuple(gpus), usage)
-
-    def _changed(self, r: NodeReader, why: str) -> None:
-        before = self._unavailable.get(r.node, "")
-        if bool(why) == bool(before) and (not why or why.split(" for ")[0] == before.split(" for ")[0]):
-            return
-        self._unavailable[r.node] = why
-        if why:
-            extra = f" (its reader said: {r.last_message})" if r.last_message and "allocation" not in why else ""
-            self.note(f"node {r.node} {why}{extra}: nothing new starts on its GPUs")
-        else:
-            self.note(f"node {r.node}: readings resumed; its GPUs take experiments again")
 
     def close(self) -> None:
         for r in self.readers:

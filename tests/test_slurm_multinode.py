@@ -168,7 +168,7 @@ def test_a_node_lost_mid_run_costs_only_interrupted_attempts(
             assert f"{n} interrupted after" in text and f"node {other} left the allocation" in text
         else:
             assert status[n]["attempts"] == 1, n
-    assert f"node {other} left the allocation (" in text and "nothing new starts on its GPUs" in text
+    assert f"{other}:gpu0 unavailable: left the allocation (" in text  # the engine's event for each GPU
 
 
 # --- requeue of a two-node job ---------------------------------------------------------------
@@ -259,3 +259,60 @@ def test_a_two_node_experiment_exchanges_a_value_through_gloo(jobs: Jobs, tmp_pa
         assert seen_["WORLD_SIZE"] == seen_["GPUPACK_NNODES"] == "2" and seen_["GPUPACK_NODES"] == ",".join(nodes)
         assert seen_["MASTER_ADDR"] == "127.0.0.1"  # the first node's NodeAddr on the test cluster
         assert seen_["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+
+
+# --- the readers: silent, restarted ---------------------------------------------------------
+
+HOLD = """\
+name: hold
+phases:
+  - name: main
+    experiments:
+      - name: hold
+        gpus: 1
+        mem: 10GB
+        cmd: "for i in $(seq 1800); do [ -e {{run}}/release ] && break; sleep 0.1; done; {record} 0"
+"""
+
+
+def reader_pids(run_dir: Path) -> list[int]:
+    """The reader processes of this run (the test cluster's nodes all live on this machine)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:3] == [b"-m", b"gpupack._reader"] and str(run_dir).encode() in argv:  # not its srun
+            pids.append(int(entry.name))
+    return pids
+
+
+def test_a_silent_reader_makes_its_node_unavailable_and_a_dead_one_is_restarted(
+    jobs: Jobs, tmp_path: Path, two_nodes: list[str]
+) -> None:
+    import os
+    import signal
+
+    jobs.env = {**jobs.env, "GPUPACK_READER_STALE_S": "3"}  # at least 3 x --poll 1
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(HOLD.format(record=RECORD))
+    job = submit_gpupack(jobs, tmp_path, manifest, sbatch_args=TWO_NODES)
+    log = tmp_path / f"gpupack-{job}.out"
+    run_dir = tmp_path / "runs" / "hold"
+    wait_for_file(log, 60, contains="on 8 GPUs of 2 nodes")  # every reader has answered
+    pid = wait_for("the reader of the other node", lambda: (lambda p: p[0] if len(p) == 1 else None)(reader_pids(run_dir)), 60)
+    other = next(n for n in two_nodes if n != jobs.info(job)["BatchHost"])
+    os.kill(pid, signal.SIGSTOP)  # alive but silent
+    try:
+        wait_for_file(log, 60, contains=f"{other}:gpu0 unavailable: not heard from for over 3s")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for_file(log, 60, contains=f"{other}:gpu0 available again")
+    os.kill(pid, signal.SIGKILL)
+    again = wait_for("the reader to be started again", lambda: (lambda p: p[0] if p and p[0] != pid else None)(reader_pids(run_dir)), 60)
+    assert again != pid
+    (run_dir / "release").write_text("")
+    wait_job_done(jobs, job, log, 60)
+    assert gpupack_status(jobs.env, run_dir)["hold"]["state"] == "succeeded"
+    assert reader_pids(run_dir) == []  # stopped with the run
