@@ -156,6 +156,7 @@ class PoolProbe:
         self._simulated: dict[str, SimulatedProbe] = {}
         self._unavailable: dict[str, str] = {}  # node -> reason, as last noted
         self._attempts: dict[str, int] | None = None  # current attempts (track), None: any
+        self._ended: set[str] = set()  # nodes whose reader had ended at the last read
 
     def start(self, timeout_s: float = 60.0) -> list[str]:
         """Start every reader and wait for their inventories; returns one line per node that did
@@ -194,8 +195,12 @@ class PoolProbe:
         local = self.local.read(running)
         gpus: list[GpuSnapshot] = list(local.gpus)
         usage: dict[str, dict[GpuKey, int]] = {n: dict(u) for n, u in local.usage.items()}
-        ended = [r for r in self.readers if not r.running()]
-        lost: Mapping[str, str] = self.watch.lost(now, force=bool(ended)) if self.watch else {}
+        # A reader that ended since the last look: ask Slurm now whether its node is gone (once,
+        # not on every tick while a lost node's reader stays ended).
+        ended = {r.node for r in self.readers if not r.running()}
+        fresh = bool(ended - self._ended)
+        self._ended = ended
+        lost: Mapping[str, str] = self.watch.lost(now, force=fresh) if self.watch else {}
         for r in self.readers:
             assert r.inventory is not None
             why = lost.get(r.node, "")

@@ -221,6 +221,8 @@ def test_a_lost_node_is_unavailable_for_good_and_its_reader_not_restarted(clock:
         clock.now += 60
         reading = pool.read({})
         assert watch.forced == 1  # a reader that ended makes the pool ask Slurm at once
+        pool.read({})
+        assert watch.forced == 1  # once, not on every tick while it stays ended
         assert {g.unavailable for g in reading.gpus if g.node == "n2"} == {"left the allocation (idle: test)"}
         assert r.starts == 1 and not r.running()
         assert notes == ["node n2 left the allocation (idle: test): nothing new starts on its GPUs"]

@@ -188,6 +188,9 @@ def test_sbatch_packs_experiments_as_steps_with_the_intended_gpus(jobs: Jobs, tm
     status = gpupack_status(jobs.env, run_dir)
     assert {n: e["state"] for n, e in status.items()} == {n: "succeeded" for n in status}, log.read_text()
     assert len(status) == 9
+    # What it published for readers on other hosts names the Slurm job and says the run ended.
+    published = json.loads((run_dir / "status.json").read_text())
+    assert published["heartbeat"]["job_id"] == job and published["ended"]["exit_code"] == 0
 
     seen = {n: json.loads((run_dir / "exp" / n / "seen-1.json").read_text()) for n in status}
     for name, entry in status.items():

@@ -38,8 +38,17 @@ else:
 if args.child:
     child = subprocess.Popen(["sleep", "300"])
     record["child"] = child.pid
-with open(os.path.join(out, f"started-{attempt}"), "w") as f:
-    json.dump(record, f)
+
+
+def write_json(name, data):
+    """Whole or not at all: tests read these files as soon as they exist."""
+    path = os.path.join(out, name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f)
+    os.replace(path + ".tmp", path)
+
+
+write_json(f"started-{attempt}", record)
 print(f"started attempt {attempt} cvd={record['cvd']} resume={record['resume']}", flush=True)
 
 seconds = args.seconds
@@ -50,8 +59,7 @@ while time.time() < deadline and not preempted:
     time.sleep(0.02)
 record["end"] = time.time()
 record["preempted"] = bool(preempted)
-with open(os.path.join(out, f"seen-{attempt}.json"), "w") as f:
-    json.dump(record, f)
+write_json(f"seen-{attempt}.json", record)
 if preempted:
     print("preempted: checkpoint saved", flush=True)
     sys.exit(143)
