@@ -194,9 +194,9 @@ def estimate_eta(
         left = max(0.0, time_s - (now - started[e.name])) if e.name in started else float(time_s)
         mem = spec.get("mem_bytes")
         share = 1.0
-        if mem and capacity_bytes and not spec.get("exclusive"):
+        if mem and capacity_bytes and not spec.get("exclusive") and spec.get("nodes", 1) == 1:  # whole nodes: 1
             share = min(1.0, max(float(spec.get("util", 1.0)), mem / capacity_bytes))
-        work += left * int(spec.get("gpus", 1)) * share
+        work += left * int(spec.get("gpus", 1)) * int(spec.get("nodes", 1)) * share
         longest = max(longest, left)
     if work == 0 and longest == 0:
         return (None if unknown else 0.0), unknown
