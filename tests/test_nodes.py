@@ -141,3 +141,25 @@ def test_preempting_a_multi_node_experiment_signals_every_rank_and_it_resumes(wr
     assert done.returncode == 0, done.stdout + done.stderr
     ends = sorted(line.split()[:4] for line in ledger.read_text().splitlines() if line.startswith("end"))
     assert ends == [["end", f"pair-{r}", "2", "resume=1"] for r in (0, 1)]
+
+
+def test_run_refuses_whole_nodes_the_allocation_cannot_give_in_one_line_each(write_manifest):
+    m = write_manifest("""
+        name: refused
+        phases:
+          - name: p
+            experiments:
+              - {name: three, cmd: "true", nodes: 3}
+              - {name: halves, cmd: "true", nodes: 2, gpus: 2}
+              - {name: zero, cmd: "true", nodes: 0}
+        """)
+    done = gpupack("run", str(m), "--no-report", env=ENV)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"gpupack: error: {m}: zero: nodes: must be >= 1, got 0"]
+    m.write_text(m.read_text().replace("nodes: 0", "nodes: 1"))
+    done = gpupack("run", str(m), "--no-report", env=ENV)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"gpupack: error: {m}: three: nodes: needs 3 whole nodes of 4 GPUs; the allocation has 2",
+        f"gpupack: error: {m}: halves: gpus: nodes: 2 takes whole nodes: gpus must be 4, the GPUs of a node (or left out)",
+    ]
