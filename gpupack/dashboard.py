@@ -194,9 +194,9 @@ def estimate_eta(
         left = max(0.0, time_s - (now - started[e.name])) if e.name in started else float(time_s)
         mem = spec.get("mem_bytes")
         share = 1.0
-        if mem and capacity_bytes and not spec.get("exclusive"):
+        if mem and capacity_bytes and not spec.get("exclusive") and spec.get("nodes", 1) == 1:  # whole nodes: 1
             share = min(1.0, max(float(spec.get("util", 1.0)), mem / capacity_bytes))
-        work += left * int(spec.get("gpus", 1)) * share
+        work += left * int(spec.get("gpus", 1)) * int(spec.get("nodes", 1)) * share
         longest = max(longest, left)
     if work == 0 and longest == 0:
         return (None if unknown else 0.0), unknown
@@ -283,9 +283,11 @@ def _gpu_table(view: View, plain: bool) -> Table:
     for g in view.gpus:
         if several and g.node != node:
             node = g.node
-            busy = sum(1 for h in view.gpus if h.node == node and h.occupants)
-            count = sum(1 for h in view.gpus if h.node == node)
-            table.add_row(Text(f"node {node}", style="" if plain else "bold"), "", "", f"{busy} of {count} GPUs busy")
+            mine = [h for h in view.gpus if h.node == node]
+            heading = f"{sum(1 for h in mine if h.occupants)} of {len(mine)} GPUs busy"
+            if len({h.unavailable for h in mine}) == 1 and mine[0].unavailable:  # the node as a whole (lost)
+                heading += f"; node unavailable: {mine[0].unavailable}"
+            table.add_row(Text(f"node {node}", style="" if plain else "bold"), "", "", heading)
         used = g.used_bytes / g.total_bytes if g.used_bytes is not None and g.total_bytes else None
         util = Text("  ?" if g.util_pct is None else f"{g.util_pct:>3.0f}%")
         util.append(" " + _bar(None if g.util_pct is None else g.util_pct / 100, 10, plain), style="" if plain else "cyan")

@@ -420,7 +420,13 @@ def _claim(p: Placement, req: Request, now_s: float) -> _Claim:
 
 def _occupant_claim(o: Occupant) -> _Claim:
     # A multi-node occupant uses its CPUs on each of its nodes; a CPU-only one on `node`.
-    nodes = tuple(dict.fromkeys(k[0] for k in o.gpus)) if o.gpus else (o.node,)
+    gpus = o.gpus
+    if not gpus:
+        nodes: tuple[str, ...] = (o.node,)
+    elif len(gpus) == 1 or all(k[0] == gpus[0][0] for k in gpus):  # the common case, made cheaply: every tick
+        nodes = (gpus[0][0],)
+    else:
+        nodes = tuple(dict.fromkeys(k[0] for k in gpus))
     holds = o.exclusive or o.budget_bytes is None or len(nodes) > 1
     return _Claim(o.gpus, nodes, o.budget_bytes, holds, o.observed_bytes, o.cpus, o.expected_end_s, o.util)
 

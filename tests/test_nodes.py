@@ -76,7 +76,7 @@ def test_a_failing_rank_ends_the_attempt_with_its_status_and_stops_the_other(wri
 
 def test_dashboard_groups_gpu_rows_by_node_and_status_shows_the_nodes(write_manifest, tmp_path):
     from gpupack import dashboard
-    from gpupack.store import Store
+    from gpupack.store import UNAVAILABLE_META, Store
 
     m = write_manifest("""
         name: board
@@ -94,15 +94,18 @@ def test_dashboard_groups_gpu_rows_by_node_and_status_shows_the_nodes(write_mani
     # As if both ran again now: pair on the two nodes whole, one on n2's gpu1.
     store.begin_attempt("pair", 2, None, "n1,n2", (0, 1), "log", 10**10, now)
     store.begin_attempt("one", 2, None, "n2", (1,), "log", 10**10, now)
+    lost = "node lost (test)"
+    store.set_meta({UNAVAILABLE_META: json.dumps({"n2:0": lost, "n2:1": lost})})
     text = dashboard.plain_snapshot(dashboard.build_view(store, now))
     lines = text.splitlines()
     rows = [line for line in lines if line.startswith(("node ", "  gpu"))]
     assert [r.split("|")[0].rstrip() for r in rows] == ["node n1", "  gpu0", "  gpu1", "node n2", "  gpu0", "  gpu1"]
-    assert rows[0].endswith("| 2 of 2 GPUs busy")
-    assert all(r.endswith("| pair (-/10.0 GB)") for r in rows if r.startswith("  gpu"))
+    assert rows[0].endswith("| 2 of 2 GPUs busy") and rows[3].endswith(f"| 2 of 2 GPUs busy; node unavailable: {lost}")
+    assert all(r.endswith("| pair (-/10.0 GB)") for r in rows[1:3])
+    assert all(r.endswith(f"| UNAVAILABLE: {lost}") for r in rows[4:])  # its occupants on the lines below
     # n2's gpu1 holds both: the second occupant on the line below it
     last = max(i for i, line in enumerate(lines) if line.startswith("  gpu1"))
-    assert lines[last + 1].endswith("| one (-/10.0 GB)")
+    assert [line.split("|")[-1].strip() for line in lines[last + 1 : last + 3]] == ["pair (-/10.0 GB)", "one (-/10.0 GB)"]
     store.close()
     table = gpupack("status", str(run_dir), env=gpupack_env(COLUMNS="120"))
     line = next(x for x in table.stdout.splitlines() if x.strip().startswith("pair"))
@@ -141,3 +144,25 @@ def test_preempting_a_multi_node_experiment_signals_every_rank_and_it_resumes(wr
     assert done.returncode == 0, done.stdout + done.stderr
     ends = sorted(line.split()[:4] for line in ledger.read_text().splitlines() if line.startswith("end"))
     assert ends == [["end", f"pair-{r}", "2", "resume=1"] for r in (0, 1)]
+
+
+def test_run_refuses_whole_nodes_the_allocation_cannot_give_in_one_line_each(write_manifest):
+    m = write_manifest("""
+        name: refused
+        phases:
+          - name: p
+            experiments:
+              - {name: three, cmd: "true", nodes: 3}
+              - {name: halves, cmd: "true", nodes: 2, gpus: 2}
+              - {name: zero, cmd: "true", nodes: 0}
+        """)
+    done = gpupack("run", str(m), "--no-report", env=ENV)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"gpupack: error: {m}: zero: nodes: must be >= 1, got 0"]
+    m.write_text(m.read_text().replace("nodes: 0", "nodes: 1"))
+    done = gpupack("run", str(m), "--no-report", env=ENV)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"gpupack: error: {m}: three: nodes: needs 3 whole nodes of 4 GPUs; the allocation has 2",
+        f"gpupack: error: {m}: halves: gpus: nodes: 2 takes whole nodes: gpus must be 4, the GPUs of a node (or left out)",
+    ]

@@ -665,3 +665,41 @@ def test_cpu_only_work_avoids_a_node_whose_gpus_are_all_unavailable() -> None:
     lost = [replace(gpu(i, node="n1"), unavailable="node lost") for i in range(2)]
     d = decide([req("cpu", mem=None, gpus=0)], [*lost, gpu(0, node="n2")])
     assert placed(d) == {"cpu": ("n2", ())}
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    jobs=st.lists(st.tuples(_mem, st.integers(1, 2), st.integers(1, 3), _time), max_size=10),
+    running=st.lists(st.tuples(st.integers(0, 5), _mem, _time), max_size=4),
+    down=st.lists(st.integers(0, 5), max_size=2),
+)
+def test_whole_node_invariants_on_random_worlds(
+    jobs: list[tuple[int | None, int, int, int | None]], running: list[tuple[int, int | None, int | None]],
+    down: list[int],
+) -> None:
+    """3 nodes of 2 GPUs, some GPUs taking nobody new: a `nodes: K` placement takes K distinct
+    nodes, every GPU of each, none with an occupant or unavailable GPU, nobody else's in the same
+    call; one-node placements never touch them; a reservation of K nodes names all their GPUs."""
+    gpus = [gpu(i % 2, node=f"n{i // 2}") for i in range(6)]
+    for k in down:
+        gpus[k] = replace(gpus[k], unavailable="test")
+    reqs = [
+        req(f"e{i}", i, m, gpus=2 if k > 1 else g, nodes=k, time_s=t) for i, (m, g, k, t) in enumerate(jobs)
+    ]
+    occupants = [occ(f"r{i}", gpus[k].key, budget=b, expected_end_s=e) for i, (k, b, e) in enumerate(running)]
+    d = decide(reqs, gpus, occupants)
+    assert set(placed(d)) | set(d.waiting) == {r.name for r in reqs}
+    busy = {o.gpus[0][0] for o in occupants} | {g.node for g in gpus if g.unavailable}
+    by_name = {r.name: r for r in reqs}
+    for p in d.placements:
+        r = by_name[p.name]
+        if r.nodes > 1:
+            assert len(set(p.nodes)) == r.nodes and p.node == p.nodes[0] and p.gpus == (0, 1)
+            assert not set(p.nodes) & busy, "a whole-node run went on a node in use"
+            busy |= set(p.nodes)  # and no other whole-node run of this call goes there
+        else:
+            assert p.nodes == ()
+    whole = {n for p in d.placements if by_name[p.name].nodes > 1 for n in p.nodes}
+    assert not any(p.node in whole for p in d.placements if by_name[p.name].nodes == 1), "joined a whole node"
+    if d.reservation is not None and d.reservation.nodes:
+        assert set(d.reservation.gpus) == {(n, i) for n in d.reservation.nodes for i in (0, 1)}
