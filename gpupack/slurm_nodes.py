@@ -2,10 +2,11 @@
 nodes"):
 
 - `reader_argv()`: the step that reads a node's GPUs (gpupack._reader), pure. `--overlap`, so it
-  runs beside the experiments' steps and holds nothing they need; no `--gres`, so it may open
-  every GPU the job holds there, as the batch step does on its own node.
+  runs beside the experiments' steps and takes nothing from them; it holds every GPU the job
+  has there, as the batch step does on its own node, so its CUDA_VISIBLE_DEVICES names them.
+- `srun_env()`: an srun client's environment without the job's SLURM_GPUS.
 - `NodeWatch`: which nodes the allocation has lost. A node set down (or whose slurmd stopped
-  answering) while steps run there is removed from the job when it was submitted with
+  answering for SlurmdTimeout) while steps run there is removed from the job when it was submitted with
   `--no-kill` (parallel.slurm is): its steps end, and their srun clients print
   `srun: error: Node failure on n2` but exit 0, so an exit code alone would call a lost
   experiment a success. The job's NodeList shrinks for good (with ReturnToService the node may
