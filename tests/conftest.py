@@ -1,4 +1,5 @@
-"""Shared helpers: run the real `gpupack` CLI in a subprocess with simulated GPUs."""
+"""Shared helpers: run the real `gpupack` CLI in a subprocess with simulated GPUs; the session's
+Slurm test cluster (`slurm_cluster`, see slurm_support.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[str]:
+    """SLURM_CONF of the Slurm test cluster, started once for the whole session where none answers
+    (defined here, not in slurm_support, so that it is one fixture however many modules use it)."""
+    from slurm_support import running_cluster
+
+    yield from running_cluster()
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
 """Fixtures and helpers for tests against the local Slurm test cluster.
 
-Start it with `eval "$(slurm/testcluster/start.sh)"` (root; it exports SLURM_CONF). Without it the
-tests are skipped with the reason, unless GPUPACK_REQUIRE_SLURM=1 (CI), where that is a failure.
-Everything waits by polling squeue, scontrol or files with a deadline, never by sleeping blind.
+`python -m pytest` starts the cluster itself: the first test that needs it starts
+`slurm/testcluster/start.sh --nodes 2` once per session (root on Debian; the first time it
+apt-get installs munge and Slurm) and stops it at the end, unless SLURM_CONF already names a
+cluster that answers, which is used as it is and left running. Where start.sh cannot run (exit 77:
+no root, no apt, not Debian) the tests are skipped with its reason, unless GPUPACK_REQUIRE_SLURM=1
+(CI), where that is a failure. Everything waits by polling squeue, scontrol or files with a
+deadline, never by sleeping blind.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,21 +29,80 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
-def cluster_problem() -> str | None:
-    """Why the Slurm tests cannot run here, or None when the test cluster answers."""
-    conf = os.environ.get("SLURM_CONF")
-    if not conf:
-        return 'SLURM_CONF is not set: start the test cluster with eval "$(slurm/testcluster/start.sh)"'
+def answer_problem(conf: str) -> str | None:
+    """Why no cluster answers at `conf` (sinfo missing or failing), or None when one does."""
     try:
-        done = subprocess.run(["sinfo", "-h", "-o", "%T %G %c"], capture_output=True, text=True, timeout=15)
+        done = subprocess.run(["sinfo", "-h", "-o", "%T %G %c"], capture_output=True, text=True, timeout=15,
+                              env={**os.environ, "SLURM_CONF": conf})
     except (OSError, subprocess.SubprocessError) as exc:
         return f"sinfo cannot run: {exc}"
     if done.returncode != 0:
         return f"sinfo fails with SLURM_CONF={conf}: {done.stderr.strip()}"
+    return None
+
+
+def identity_problem(conf: str) -> str | None:
+    """Why the cluster answering at `conf` is not the test cluster (4 GPUs, 16 CPUs a node)."""
+    done = subprocess.run(["sinfo", "-h", "-o", "%T %G %c"], capture_output=True, text=True, timeout=15,
+                          env={**os.environ, "SLURM_CONF": conf})
     state, gres, cpus = (done.stdout.split() + ["", "", ""])[:3]
     if "gpu:4" not in gres or not cpus.isdigit() or int(cpus) < 16:
         return f"the cluster at SLURM_CONF={conf} is not the test cluster (node: {gres} {cpus} CPUs, want gpu:4, 16)"
     return None
+
+
+def _slurmctld_pid() -> str:
+    """The pid in start.sh's slurmctld pid file ('' when none): a new one after start.sh means this
+    session started the cluster (and so stops it), the same one that it found it running."""
+    state_dir = Path(os.environ.get("GPUPACK_SLURM_DIR", "/tmp/gpupack-slurm-test"))
+    try:
+        return (state_dir / "run" / "slurmctld.pid").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _unavailable(problem: str) -> None:
+    if os.environ.get("GPUPACK_REQUIRE_SLURM") == "1":
+        pytest.fail(f"GPUPACK_REQUIRE_SLURM=1 but {problem}")
+    pytest.skip(problem)
+
+
+def running_cluster() -> Iterator[str]:
+    """Body of conftest's session fixture `slurm_cluster`: SLURM_CONF of a running test cluster,
+    started here (and stopped after the session) when none answers; skips with the reason, or
+    fails under GPUPACK_REQUIRE_SLURM=1, where it cannot run."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not answer_problem(conf):
+        problem = identity_problem(conf)
+        if problem:
+            _unavailable(problem)  # somebody's real cluster: never start a second one beside it
+        yield conf
+        return
+    before = _slurmctld_pid()
+    with tempfile.TemporaryFile("w+") as log:  # apt-get's output: a pipe could fill up unread
+        done = subprocess.run(["bash", str(ROOT / "slurm" / "testcluster" / "start.sh"), "--nodes", "2"],
+                              stdout=subprocess.PIPE, stderr=log, text=True, timeout=900)
+        log.seek(0)
+        lines = log.read().strip().splitlines()
+    if done.returncode == 77:  # cannot run here: start.sh's one-line reason
+        _unavailable(lines[-1] if lines else "slurm/testcluster/start.sh cannot run here")
+    if done.returncode != 0:
+        tail = "\n".join(lines[-30:])
+        pytest.fail(f"slurm/testcluster/start.sh --nodes 2 failed (exit {done.returncode}):\n{tail}")
+    conf = done.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    started = _slurmctld_pid() != before
+    old_conf = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # gpupack.slurm's own calls (scontrol show job) read it
+    try:
+        yield conf
+    finally:
+        if old_conf is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old_conf
+        if started:
+            subprocess.run(["bash", str(ROOT / "slurm" / "testcluster" / "stop.sh")],
+                           capture_output=True, text=True, timeout=300)
 
 
 def cluster_nodes(env: dict[str, str], usable: bool = True) -> list[str]:
@@ -54,14 +118,10 @@ def cluster_nodes(env: dict[str, str], usable: bool = True) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def slurm_env() -> dict[str, str]:
+def slurm_env(slurm_cluster: str) -> dict[str, str]:
     """Environment for sbatch: the test cluster's SLURM_CONF and this checkout on PYTHONPATH."""
-    problem = cluster_problem()
-    if problem:
-        if os.environ.get("GPUPACK_REQUIRE_SLURM") == "1":
-            pytest.fail(f"GPUPACK_REQUIRE_SLURM=1 but {problem}")
-        pytest.skip(problem)
     env = dict(os.environ)
+    env["SLURM_CONF"] = slurm_cluster
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["GPUPACK_PYTHON"] = sys.executable
     for name in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k != "SLURM_CONF"]:

@@ -1,6 +1,6 @@
 """gpupack.slurm against a real slurmctld: the local test cluster of slurm/testcluster/start.sh
-(one node, 16 CPUs, 4 fake GPUs). Skipped with the reason when it is not up, failed instead
-when GPUPACK_REQUIRE_SLURM=1."""
+(16 CPUs, 4 fake GPUs a node; the session starts it where none answers, see slurm_support.py).
+Skipped with the reason where it cannot run, failed instead when GPUPACK_REQUIRE_SLURM=1."""
 
 from __future__ import annotations
 
