@@ -9,7 +9,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -24,8 +23,6 @@ if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results
     from rich.console import Console
 
     from . import manifest as manifest_mod
-    from .pool import PoolProbe
-    from .slurm_nodes import NodeWatch
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
@@ -88,35 +85,15 @@ def run_lock(run_dir: Path, job_id: str | None = None) -> Iterator[None]:
 def run(args: RunArgs, console: Console) -> int:
     from . import engine as engine_mod
     from . import manifest as manifest_mod
-    from . import slurm  # Slurm facts; harmless outside an allocation
-    from .gpus import GpuSpecError, NvmlError, open_probe
-    from .launch import LocalLauncher
-    from .srun import SrunLauncher
+    from .backend import backend_for
+    from .gpus import GpuSpecError, NvmlError
 
     manifest = _load_manifest(args.manifest)
-    allocation = slurm.Allocation.from_env(os.environ)
-    node = socket.gethostname().split(".")[0]
-    if allocation and allocation.nodes:
-        node = allocation.batch_node or allocation.nodes[0]
-    fallback = f"{allocation.gpus_per_node}x80GB" if allocation and allocation.gpus_per_node else "4x80GB"
+    backend = backend_for(os.environ)  # Slurm facts; harmless outside an allocation
     try:
-        probe, note = open_probe(
-            args.gpus, node, os.environ, fallback, allocation_gpus=allocation.gpus_per_node if allocation else 0,
-            names=allocation.nodes if allocation else (),
-        )
+        probe, notes = backend.probe(args.gpus, str(manifest.run_dir), args.poll_s)
     except (GpuSpecError, NvmlError) as exc:
         raise GpupackError(str(exc)) from None
-    pool: PoolProbe | None = None
-    watch: NodeWatch | None = None
-    notes = [note] if note else []
-    if allocation is not None and len(allocation.nodes) > 1:
-        from .pool import for_allocation  # every other node's GPUs through a reader step
-
-        # The other nodes simulate GPUs too where this one does (--gpus, or no GPU found here).
-        spec = args.gpus or os.environ.get("GPUPACK_GPUS") or (fallback if note else None)
-        pool, watch, left_out = for_allocation(probe, allocation, str(manifest.run_dir), spec, args.poll_s, os.environ)
-        probe = pool
-        notes += left_out
     inventory = probe.inventory()
     if any(e.nodes > 1 for e in manifest.experiments):  # whole nodes: `gpus` is a node's count
         manifest = _load_manifest(args.manifest, inventory)
@@ -132,7 +109,7 @@ def run(args: RunArgs, console: Console) -> int:
         manifest.run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GpupackError(f"{manifest.run_dir}: cannot create the run directory: {exc.strerror}") from None
-    with run_lock(manifest.run_dir, allocation.job_id if allocation else None):
+    with run_lock(manifest.run_dir, backend.job_id):
         db_path = manifest.run_dir / "state.db"
         if args.state_dir is not None:
             from . import statedir
@@ -145,17 +122,8 @@ def run(args: RunArgs, console: Console) -> int:
             store = Store(db_path)
         except StoreError as exc:
             raise GpupackError(str(exc)) from None
-        if allocation is not None:
-            mode = slurm.detect_gpu_mode(args.srun_mode or os.environ.get("GPUPACK_SRUN_MODE"))
-            lost = None if watch is None else (lambda force: watch.lost(time.time(), force))
-            node_gpus = {n: len(allocation.gpus_on(n)) for n in allocation.nodes}
-            launcher: LocalLauncher = SrunLauncher(
-                mode, node_gpus=node_gpus, here=os.environ.get("SLURMD_NODENAME"), lost_nodes=lost
-            )
-            hooks = slurm.engine_hooks(allocation, args.max_requeues, run_args=args.argv)
-        else:
-            launcher = LocalLauncher()
-            hooks = engine_mod.Hooks()
+        launcher = backend.launcher(args.srun_mode)
+        hooks = backend.hooks(args.max_requeues, args.argv)
         options = engine_mod.RunOptions(poll_s=args.poll_s, grace_s=args.grace_s, headroom_bytes=headroom)
         eng = engine_mod.Engine(manifest, store, probe, launcher, inventory, options, hooks)
         from .dashboard import Dashboard
@@ -192,8 +160,7 @@ def run(args: RunArgs, console: Console) -> int:
             board.stop()
             eng.close(code)
             publisher.close(code)
-            if pool is not None:
-                pool.close()  # stops the reader steps
+            backend.close()  # stops the reader steps of other nodes
         if args.report:
             _write_report(manifest.run_dir, store, console)
         store.close()
