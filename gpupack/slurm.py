@@ -2,6 +2,10 @@
 
 Every Slurm quirk gpupack depends on lives here (observed on Slurm 22.05, slurm/README.md):
 
+- `run_command()` runs one Slurm command and raises SlurmError where there is no answer:
+  SlurmMissing (no such binary), SlurmTimeout (a wedged slurmctld), SlurmFailed (exit code and
+  stderr). Facts with a fallback take all three as "unknown" (`ask`); each caller says so.
+
 - `Allocation.from_env(os.environ)`: the job's nodes, GPUs and CPUs, read once. `gpu_ids` are
   the job's GPUs on a node as the batch script's CUDA_VISIBLE_DEVICES lists them, which is the
   value a step's CUDA_VISIBLE_DEVICES needs in both GPU modes below (global indices where devices
@@ -44,20 +48,59 @@ from .hooks import Hooks
 GpuMode = Literal["gres-none", "overlap"]
 GPU_MODES: tuple[GpuMode, ...] = ("gres-none", "overlap")
 
-# Runs a command, returns its stdout, or None when it could not run or exited non-zero.
-Runner = Callable[[Sequence[str]], "str | None"]
-
 _TIMEOUT_S = 15.0  # a wedged slurmctld must not hang the engine
 
 
-def run_command(argv: Sequence[str]) -> str | None:
+class SlurmError(Exception):
+    """A Slurm command gave no answer. Which way tells the caller what it may conclude: a
+    missing binary is not a cluster, a timeout is a busy slurmctld (ask again later), a non-zero
+    exit is Slurm's own "no" (a job that may not be requeued, an unknown job)."""
+
+    def __init__(self, argv: Sequence[str], why: str):
+        super().__init__(f"{' '.join(argv)}: {why}")
+        self.argv = list(argv)
+
+
+class SlurmMissing(SlurmError):
+    """The command could not be started (not installed, not on PATH)."""
+
+
+class SlurmTimeout(SlurmError):
+    """No answer within the timeout."""
+
+
+class SlurmFailed(SlurmError):
+    """The command ran and exited non-zero; `stderr` says why."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str):
+        super().__init__(argv, f"exit {returncode}: {stderr.strip()}" if stderr.strip() else f"exit {returncode}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+# Runs a command and returns its stdout; raises SlurmError when there is no answer.
+Runner = Callable[[Sequence[str]], str]
+
+
+def run_command(argv: Sequence[str], timeout_s: float = _TIMEOUT_S) -> str:
     try:
-        done = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        raise SlurmTimeout(argv, f"no answer in {timeout_s:g} s") from None
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SlurmMissing(argv, str(exc)) from None
+    if done.returncode != 0:
+        raise SlurmFailed(argv, done.returncode, done.stderr)
+    return done.stdout
+
+
+def ask(run: Runner, argv: Sequence[str]) -> str | None:
+    """stdout, or None for no answer of any kind, where the caller treats them all as "unknown"
+    (facts that have a fallback; README "Running inside Slurm": unknown is never a wrong number)."""
+    try:
+        return run(argv)
+    except SlurmError:
         return None
-    return done.stdout if done.returncode == 0 else None
 
 
 # --- allocation facts ---------------------------------------------------------------------------
@@ -129,7 +172,7 @@ def job_gpu_layout(job_id: str, *, run: Runner = run_command) -> dict[str, tuple
     """Each node's GPU indices from `scontrol show job -d J`, whose detail lines read
     `Nodes=n[1-2] CPU_IDs=0-15 Mem=0 GRES=gpu:4(IDX:0-3)` (one line per group of alike nodes).
     Empty when Slurm does not say."""
-    out = run(["scontrol", "show", "job", "-d", job_id])
+    out = ask(run, ["scontrol", "show", "job", "-d", job_id])
     layout: dict[str, tuple[int, ...]] = {}
     for line in (out or "").splitlines():
         line = line.strip()
@@ -168,7 +211,7 @@ def expand_nodelist(nodelist: str, *, run: Runner = run_command) -> tuple[str, .
         return ()
     if "[" not in nodelist:
         return tuple(n for n in nodelist.split(",") if n)
-    out = run(["scontrol", "show", "hostnames", nodelist])
+    out = ask(run, ["scontrol", "show", "hostnames", nodelist])
     return tuple(out.split()) if out else ()
 
 
@@ -260,7 +303,7 @@ def parse_slurm_duration(text: str) -> float | None:
 def show_job(job_id: str, *, run: Runner = run_command) -> dict[str, str] | None:
     """`scontrol show job J` as a dict. Command=, WorkDir= and Std*= take the rest of their line
     (paths and arguments may contain spaces)."""
-    out = run(["scontrol", "show", "job", job_id])
+    out = ask(run, ["scontrol", "show", "job", job_id])
     if not out:
         return None
     return parse_scontrol(out, ("Command", "WorkDir", "StdOut", "StdErr", "StdIn", "Comment"))
@@ -285,7 +328,7 @@ def parse_scontrol(text: str, whole_line: Sequence[str] = ()) -> dict[str, str]:
 
 def end_time(job_id: str, now: float, *, run: Runner = run_command) -> float | None:
     """Unix time the allocation ends: math.inf without a limit, None when unknown. Never raises."""
-    out = run(["squeue", "-h", "-j", job_id, "-o", "%L"])
+    out = ask(run, ["squeue", "-h", "-j", job_id, "-o", "%L"])
     left = parse_slurm_duration(out.strip().splitlines()[0]) if out and out.strip() else None
     if left is not None:
         return now + left
@@ -340,7 +383,11 @@ def requeue(job_id: str, *, run: Runner = run_command) -> bool:
 
     Slurm then sends SIGTERM to the batch process, i.e. the caller, and SIGKILL KillWait seconds
     later: call it last, with SIGTERM already treated as "stopping"."""
-    return run(["scontrol", "requeue", job_id]) is not None
+    try:
+        run(["scontrol", "requeue", job_id])
+    except SlurmError:  # disabled (SlurmFailed) or no answer: either way the job is not requeued
+        return False
+    return True
 
 
 def resubmit(
@@ -361,7 +408,7 @@ def resubmit(
             value = info.get(key, "")
             if value not in ("", "(null)", "N/A", "UNLIMITED"):
                 opts.append(f"{opt}={value}")
-    out = run(["sbatch", "--parsable", *opts, script, *args])
+    out = ask(run, ["sbatch", "--parsable", *opts, script, *args])
     if not out or not out.strip():
         return None
     return out.strip().split(";")[0]  # --parsable: "jobid[;cluster]"
@@ -514,7 +561,7 @@ def gpu_mode(config_text: str | None, override: str | None = None) -> GpuMode:
 def detect_gpu_mode(override: str | None = None, *, run: Runner = run_command) -> GpuMode:
     if override and override != "auto":
         return gpu_mode(None, override)
-    return gpu_mode(run(["scontrol", "show", "config"]))
+    return gpu_mode(ask(run, ["scontrol", "show", "config"]))
 
 
 # --- step-creation backpressure ---------------------------------------------------------------

@@ -20,7 +20,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .slurm import Runner, expand_nodelist, parse_scontrol, run_command, show_job
+from .slurm import Runner, ask, expand_nodelist, parse_scontrol, run_command, show_job
 
 _NODE_FAILURE = re.compile(r"srun: error: Node failure on (\S+)")
 
@@ -57,7 +57,7 @@ def srun_env(env: Mapping[str, str]) -> dict[str, str]:
 
 def show_node(node: str, *, run: Runner = run_command) -> dict[str, str]:
     """`scontrol show node N` as a dict; Reason= takes the rest of its line."""
-    return parse_scontrol(run(["scontrol", "show", "node", node]) or "", ("Reason",))
+    return parse_scontrol(ask(run, ["scontrol", "show", "node", node]) or "", ("Reason",))
 
 
 def node_address(node: str, *, run: Runner = run_command) -> str:

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 
 from conftest import (
@@ -401,11 +402,14 @@ def test_failures_are_retried_by_a_new_run_but_not_by_a_requeued_job(write_manif
     from gpupack.gpus import SimulatedProbe, parse_gpu_spec
     from gpupack.launch import LocalLauncher
     from gpupack.manifest import load
-    from gpupack.slurm import Allocation, engine_hooks
+    from gpupack.slurm import Allocation, SlurmMissing, engine_hooks
     from gpupack.store import Store
 
+    def no_slurm(argv: Sequence[str]) -> str:
+        raise SlurmMissing(argv, "no Slurm here")
+
     requeued = Allocation("7", ("n0",), (0,), (4,), restart_count=1)
-    hooks = engine_hooks(requeued, 10, run_args=[], run=lambda argv: None)
+    hooks = engine_hooks(requeued, 10, run_args=[], run=no_slurm)
     assert hooks.retry_failed is False
     inventory = parse_gpu_spec("2x80GB", "n0")
     store = Store(run_dir / "state.db")

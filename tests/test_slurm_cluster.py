@@ -78,8 +78,10 @@ def test_end_time_of_a_real_job_and_a_changed_limit(jobs: Jobs, tmp_path: Path) 
     assert end is not None and 240 <= end - now <= 300
 
     # The scontrol fallback (EndTime, whole seconds) agrees with squeue's time left.
-    def no_squeue(argv: Sequence[str]) -> str | None:
-        return None if argv[0] == "squeue" else slurm.run_command(argv)
+    def no_squeue(argv: Sequence[str]) -> str:
+        if argv[0] == "squeue":
+            raise slurm.SlurmFailed(argv, 1, "squeue: error: slurm_load_jobs: Socket timed out")
+        return slurm.run_command(argv)
 
     fallback = slurm.end_time(job, now, run=no_squeue)
     assert fallback is not None and abs(fallback - end) <= 2

@@ -21,16 +21,18 @@ COMMON = [
 
 
 class FakeSlurm:
-    """Answers commands from a table {argv prefix: stdout or None (= failed)}; records calls."""
+    """Answers commands from a table {argv prefix: stdout or None (= exited non-zero)}; records calls."""
 
     def __init__(self, answers: dict[tuple[str, ...], str | None]):
         self.answers = answers
         self.calls: list[list[str]] = []
 
-    def __call__(self, argv: Sequence[str]) -> str | None:
+    def __call__(self, argv: Sequence[str]) -> str:
         self.calls.append(list(argv))
         for prefix, out in self.answers.items():
             if tuple(argv[: len(prefix)]) == prefix:
+                if out is None:
+                    raise slurm.SlurmFailed(argv, 1, "slurm_fake: failed")
                 return out
         raise AssertionError(f"unexpected command {list(argv)}")
 
@@ -134,13 +136,15 @@ ENV_ONE_NODE = {
 }
 
 
-def no_commands(argv: Sequence[str]) -> str | None:
+def no_commands(argv: Sequence[str]) -> str:
     raise AssertionError(f"no command expected, got {list(argv)}")
 
 
-def no_job_detail(argv: Sequence[str]) -> str | None:
+def no_job_detail(argv: Sequence[str]) -> str:
     """A slurmctld that does not answer `scontrol show job -d` (several nodes ask it)."""
-    return None if list(argv[:4]) == ["scontrol", "show", "job", "-d"] else no_commands(argv)
+    if list(argv[:4]) == ["scontrol", "show", "job", "-d"]:
+        raise slurm.SlurmTimeout(argv, "no answer")
+    return no_commands(argv)
 
 
 def test_outside_slurm_there_is_no_allocation() -> None:
@@ -563,3 +567,30 @@ def test_reader_step_holds_the_nodes_gpus_and_srun_forgets_the_jobs_gpu_total() 
     assert "--gres=none" in reader_argv("n2", "python3", 1, "/r", node_gpus=0)
     assert not any(a.startswith("--gres") for a in reader_argv("n2", "python3", 1, "/r"))  # unknown: Slurm's default
     assert srun_env({"SLURM_GPUS": "6", "SLURM_JOB_ID": "5"}) == {"SLURM_JOB_ID": "5"}
+
+
+def test_a_command_without_an_answer_says_which_way() -> None:
+    with pytest.raises(slurm.SlurmMissing, match="no-such-slurm-binary"):
+        slurm.run_command(["no-such-slurm-binary", "show", "job"])
+    with pytest.raises(slurm.SlurmFailed) as failed:
+        slurm.run_command(["sh", "-c", "echo 'Requested operation is presently disabled' >&2; exit 1"])
+    assert failed.value.returncode == 1 and "presently disabled" in failed.value.stderr
+    with pytest.raises(slurm.SlurmTimeout):
+        slurm.run_command(["sleep", "30"], timeout_s=0.05)
+    assert slurm.run_command(["echo", "12"]) == "12\n"
+
+
+@pytest.mark.parametrize("error", [
+    slurm.SlurmMissing(["squeue"], "not found"),
+    slurm.SlurmTimeout(["squeue"], "no answer"),
+    slurm.SlurmFailed(["squeue"], 1, "Invalid job id"),
+])
+def test_facts_are_unknown_whatever_the_failure(error: slurm.SlurmError) -> None:
+    def broken(argv: Sequence[str]) -> str:
+        raise error
+
+    assert slurm.end_time("12", 0.0, run=broken) is None
+    assert slurm.show_job("12", run=broken) is None
+    assert slurm.expand_nodelist("n[1-2]", run=broken) == ()
+    assert not slurm.requeue("12", run=broken)
+    assert slurm.detect_gpu_mode(None, run=broken) == "overlap"
