@@ -46,15 +46,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if task.kind != "classification":
         raise SystemExit(f"bridge.py: task {args.task!r} is {task.kind}, not classification")
     tok = common.load_tokenizer(args.sender, args.data_dir)
-    dtype = common.DTYPES[args.dtype]
-    soft_tokens = models.soft_token_count(args.max_len, args.compression)
-    model = models.BridgeClassifier(
-        models.load_backbone(args.sender, len(tok), dtype),
-        models.load_backbone(args.receiver, len(tok), dtype),
-        num_labels=len(task.labels),
-        soft_tokens=soft_tokens,
-        train_models=args.train_models,
+    model = models.load_bridge(
+        args.sender, args.receiver, len(tok), common.DTYPES[args.dtype], args.max_len, args.compression,
+        num_labels=len(task.labels), train_models=args.train_models,
     ).to(run.device)
+    soft_tokens = model.soft_tokens
 
     train_x = common.encode(tok, task.train["text"], args.max_len, run.device)
     train_y = common.torch.tensor(task.train["label"], device=run.device)

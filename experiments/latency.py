@@ -68,13 +68,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     run = common.setup(args)
     tok = common.load_tokenizer(args.sender, args.data_dir)
-    dtype = common.DTYPES[args.dtype]
-    soft_tokens = models.soft_token_count(args.seq_len, args.compression)
-    model = models.BridgeClassifier(
-        models.load_backbone(args.sender, len(tok), dtype),
-        models.load_backbone(args.receiver, len(tok), dtype),
-        num_labels=2, soft_tokens=soft_tokens, train_models=False,
+    model = models.load_bridge(
+        args.sender, args.receiver, len(tok), common.DTYPES[args.dtype], args.seq_len, args.compression, num_labels=2,
     ).to(run.device).eval()
+    soft_tokens = model.soft_tokens
     ids = torch.randint(len(tok), (args.batch_size, args.seq_len), device=run.device)
     mask = torch.ones_like(ids)
     text_ids = ids % int(model.receiver.config.vocab_size)

@@ -156,6 +156,7 @@ class BridgeClassifier(nn.Module):
     def __init__(self, sender: Any, receiver: Any, num_labels: int, soft_tokens: int, train_models: bool):
         super().__init__()
         self.sender, self.receiver = sender, receiver
+        self.soft_tokens = soft_tokens
         self.bridge = Bridge(hidden_size(sender), hidden_size(receiver), soft_tokens)
         self.head = nn.Linear(hidden_size(receiver), num_labels)
         self.train_models = train_models
@@ -177,6 +178,21 @@ class BridgeClassifier(nn.Module):
         # The receiver is frozen but gradients flow through it into the soft tokens.
         out = self.receiver(inputs_embeds=soft.to(receiver_dtype)).last_hidden_state
         return self.head(out[:, -1].float())  # a causal receiver's last position has read all K
+
+
+def load_bridge(
+    sender: str, receiver: str, vocab_size: int, dtype: torch.dtype, max_len: int, compression: float,
+    num_labels: int, train_models: bool = False,
+) -> BridgeClassifier:
+    """The bridge between a sender and a receiver model, as bridge.py trains it and latency.py
+    times it: ceil(max_len / compression) soft tokens."""
+    return BridgeClassifier(
+        load_backbone(sender, vocab_size, dtype),
+        load_backbone(receiver, vocab_size, dtype),
+        num_labels=num_labels,
+        soft_tokens=soft_token_count(max_len, compression),
+        train_models=train_models,
+    )
 
 
 def soft_token_count(max_len: int, compression: float) -> int:

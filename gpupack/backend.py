@@ -2,7 +2,7 @@
 run is inside (SlurmBackend). Each gives `gpupack run` the same few things: the job it belongs to,
 the GPUs (probe), how an experiment starts (launcher) and what happens at the end of the
 allocation (the engine's hooks: time left, requeue). `commands.run` asks; it does not branch on
-Slurm. The pattern is submitit's job environment (README "Running inside Slurm")."""
+Slurm. The pattern is submitit's job environment (slurm/README.md "End of the allocation": requeue)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .exits import EXIT_BAD_INPUT, EXIT_STOPPED
 from .signals import default_stop_signals
 
 EPILOG = """exit codes: 0 all succeeded, 1 some failed, 2 bad input or run directory busy,
@@ -114,12 +115,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code
     except sqlite3.Error as exc:  # a read outside the store's transactions (disk, corruption)
         print(f"gpupack: error: state database: {exc}", file=sys.stderr, flush=True)
-        return commands.EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT
     except BrokenPipeError:  # `gpupack status --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        return commands.EXIT_STOPPED
+        return EXIT_STOPPED
     return 2
 
 

@@ -1,6 +1,6 @@
 """One function per subcommand; cli.py parses arguments and calls these.
 
-Exit codes (README, DESIGN.md): 0 all succeeded, 1 some failed, 2 bad input (or the run
+Exit codes (README "Commands", exits.py): 0 all succeeded, 1 some failed, 2 bad input (or the run
 directory is busy / unusable), 3 stopped early (preempted, or the time left was too short).
 """
 
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from .exits import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from .store import RUNNING, Store, StoreError
 
 if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results` need none of these
@@ -24,7 +25,6 @@ if TYPE_CHECKING:  # imported where used: `--help`, `status --json` and `results
 
     from . import manifest as manifest_mod
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 
 
 class GpupackError(Exception):

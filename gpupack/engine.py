@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from . import policy, recovery
 from .estimates import Learned, oom_budget, resumed_time_s
+from .exits import EXIT_FAILED, EXIT_OK, EXIT_STOPPED
 from .gpus import GpuInfo, GpuProbe, Reading
 from .hooks import Hooks, RunOptions
 from .launch import Handle, LaunchSpec, Launcher, experiment_env, free_port
@@ -44,7 +45,6 @@ from .states import (
 from .store import UNAVAILABLE_META, Event, ExperimentRow, Store, StoreError
 from .units import format_bytes, format_duration
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 3
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
 COMPACT_EVERY_S = 600.0
@@ -366,7 +366,7 @@ class Engine:
         resumed_s = resumed_time_s(previous, A_INTERRUPTED)  # they count in its duration
         log_path = exp.out_dir / f"attempt-{number}.log"
         budget = self._budget(exp)
-        node_text = ",".join(placement.nodes) or placement.node  # "n1,n2": README "status"
+        node_text = ",".join(placement.nodes) or placement.node  # "n1,n2": docs/contract.md "status --json"
         attempt_id = self.store.begin_attempt(
             exp.name, number, self.run_id, node_text, placement.gpus, str(log_path), budget, now
         )
@@ -500,11 +500,15 @@ class Engine:
             self._ended(r, code, self.clock(), interrupted=True)
         left = [n for n, s in self.states.items() if s in WAITING]
         if left:
-            done = self.hooks.requeue()
-            if done:
-                self._event("info", None, done)
+            self._requeue()
         self.on_tick(self.clock())
         return EXIT_STOPPED
+
+    def _requeue(self) -> None:
+        """Work is left for a next allocation: the hooks requeue the job (Slurm) and say what they did."""
+        done = self.hooks.requeue()
+        if done:
+            self._event("info", None, done)
 
     def _finish(self, decision: policy.Decision) -> int:
         now = self.clock()
@@ -520,9 +524,7 @@ class Engine:
             # (the next allocation will have it) or for resources that never free up.
             time_bound = any(decision.why.get(n) is policy.Wait.TIME_LEFT for n in waiting)
             if time_bound:
-                done = self.hooks.requeue()
-                if done:
-                    self._event("info", None, done)
+                self._requeue()
                 self.on_tick(now)
                 return EXIT_STOPPED
         failed = [n for n, s in self.states.items() if s in (FAILED, SKIPPED)]

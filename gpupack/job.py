@@ -1,4 +1,4 @@
-"""Helpers for experiment code: what an experiment sees under gpupack (DESIGN.md).
+"""Helpers for experiment code: what an experiment sees under gpupack (README "What an experiment sees").
 
 gpupack starts every experiment with these variables; outside gpupack they are absent and
 each helper falls back to something sensible, so a script runs the same by hand:

@@ -96,7 +96,7 @@ def run_command(argv: Sequence[str], timeout_s: float = _TIMEOUT_S) -> str:
 
 def ask(run: Runner, argv: Sequence[str]) -> str | None:
     """stdout, or None for no answer of any kind, where the caller treats them all as "unknown"
-    (facts that have a fallback; README "Running inside Slurm": unknown is never a wrong number)."""
+    (facts with a fallback: slurm/README.md "Allocation facts"; unknown is never a wrong number)."""
     try:
         return run(argv)
     except SlurmError:

@@ -1,4 +1,4 @@
-"""`gpupack status`: the run's state as data (the --json contract of DESIGN.md), one builder for
+"""`gpupack status`: the run's state as data (the --json contract of docs/contract.md), one builder for
 the table, the JSON, tests and scripts."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Placeholders in manifest strings: compiled once per template, rendered once per expansion.
 
-The contract (DESIGN.md "Manifest"): `name`, `cmd`, `env` values, `depends_on` and `outputs`
+The contract (README "The manifest"): `name`, `cmd`, `env` values, `depends_on` and `outputs`
 may hold placeholders, `str.format` style:
 - `{KEY}` for a grid key, and the built-ins `{name}` (the expanded name), `{phase}`, `{out}`
   (the experiment's own directory, <run>/exp/<name>), `{run}` (the run directory), `{gpus}`,

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "procs", "runlock",
     }),
     ("model", {"request", "manifest", "templates", "estimates", "outcome", "hooks", "store", "states", "jsonout"}),
-    ("base", {"policy", "units", "signals"}),
+    ("base", {"policy", "units", "signals", "exits"}),
 ]
 
 
