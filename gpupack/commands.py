@@ -90,7 +90,8 @@ def run(args: RunArgs, console: Console) -> int:
     from . import manifest as manifest_mod
     from . import slurm  # Slurm facts; harmless outside an allocation
     from .gpus import GpuSpecError, NvmlError, open_probe
-    from .launch import LocalLauncher, SrunLauncher
+    from .launch import LocalLauncher
+    from .srun import SrunLauncher
 
     manifest = _load_manifest(args.manifest)
     allocation = slurm.Allocation.from_env(os.environ)
@@ -226,8 +227,8 @@ def _write_report(run_dir: Path, store: Store, console: Console) -> None:
 
 
 def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], headroom: int) -> None:
-    from . import engine as engine_mod
     from . import policy
+    from .request import request_for
 
     snaps = [policy.GpuSnapshot(g.node, g.index, g.total_bytes, None) for g in inventory]
     problems = []
@@ -235,7 +236,7 @@ def _refuse_unfit(manifest: manifest_mod.Manifest, inventory: Sequence[Any], hea
     for exp in manifest.experiments:
         shape = (exp.gpus, exp.mem_bytes, exp.cpus, exp.nodes)  # all that unfit_reason looks at
         if shape not in reasons:
-            reasons[shape] = policy.unfit_reason(engine_mod.request_for(exp, exp.mem_bytes), snaps, headroom)
+            reasons[shape] = policy.unfit_reason(request_for(exp, exp.mem_bytes), snaps, headroom)
         why = reasons[shape]
         if why:
             field = "nodes" if "whole nodes of" in why else "gpus" if "GPU" in why and "memory" not in why else "mem"
@@ -350,7 +351,7 @@ def reset(run_dir: Path, patterns: Sequence[str], console: Console) -> int:
 
 
 def watch(run_dir: Path, interval_s: float, console: Console) -> int:
-    from .dashboard import watch as watch_view
+    from .reader import watch as watch_view
 
     _check_run_dir(run_dir)
     try:

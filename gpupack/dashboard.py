@@ -33,7 +33,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .report import GpuKey, gpu_key, gpu_label
+from .policy import GpuKey
+from .runfacts import gpu_key, gpu_label
 from .store import (
     A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
     UNAVAILABLE_META, ExperimentRow, Store,
@@ -479,28 +480,3 @@ def _gpu_list(indices: Sequence[int]) -> str:
         else:
             runs.append([i])
     return ",".join(f"gpu{r[0]}-{r[-1]}" if len(r) > 2 else ",".join(f"gpu{i}" for i in r) for r in runs)
-
-
-def watch(run_dir: Path, console: Console, interval_s: float = 2.0) -> int:
-    """`gpupack watch`: the run's dashboard from another terminal or host, read-only, until the run
-    ends, its scheduler is gone (reader.py: heartbeat), or Ctrl-C."""
-    from .reader import open_run
-
-    source = open_run(Path(run_dir))
-    board = Dashboard(source, Path(run_dir), console, live=console.is_terminal, log_every_s=source.log_every_s)
-    why: str | None = None
-    try:
-        why = source.poll(time.time())
-        board.start()
-        while why is None:
-            time.sleep(interval_s)  # polling files another process writes; there is no event to wait on
-            why = source.poll(time.time())
-            board.refresh(time.time())
-    except KeyboardInterrupt:
-        pass
-    finally:
-        board.stop()
-        source.close()
-    if why:
-        console.print(why, markup=False, highlight=False)
-    return 0

@@ -15,16 +15,18 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from . import policy, recovery
 from .estimates import Learned, oom_budget, resumed_time_s
 from .gpus import GpuInfo, GpuProbe, Reading
+from .hooks import Hooks, RunOptions
 from .launch import Handle, LaunchSpec, Launcher, experiment_env, free_port
 from .manifest import Experiment, Manifest
 from .outcome import judge
 from .policy import GpuKey, Occupant, State
+from .request import request_for
 from .signals import StopSignals, preempt_signal
 from .states import (
     A_FAILED,
@@ -49,15 +51,6 @@ COMPACT_EVERY_S = 600.0
 
 
 @dataclass
-class RunOptions:
-    poll_s: float = 5.0
-    grace_s: float = 60.0
-    headroom_bytes: int = 0
-    sample_every_s: float = 5.0
-    max_requeues: int = 10
-
-
-@dataclass
 class Running:
     exp: Experiment
     handle: Handle
@@ -73,19 +66,6 @@ class Running:
     util_n: int = 0
     node: str = ""  # its (first) node: where a CPU-only experiment's CPUs are
     master_port: int | None = None  # a multi-node experiment's
-
-
-@dataclass
-class Hooks:
-    """What the engine needs from the world besides GPUs and launching (Slurm or nothing)."""
-
-    time_left: Callable[[float], float | None] = lambda now: None
-    requeue: Callable[[], str | None] = lambda: None  # returns what was done, for the log
-    cpus_per_node: Mapping[str, int] | None = None
-    job_id: str | None = None
-    # A new `gpupack run` tries what failed before again (the user may have fixed it); a requeued
-    # job does not: its failures used their retries already, another go would only burn GPU time.
-    retry_failed: bool = True
 
 
 @dataclass
@@ -256,7 +236,7 @@ class Engine:
                 self.signals.sleep(min(self.options.poll_s, 1.0))
                 continue
             idle_ticks = 0
-            adopted = any(r.handle.popen is None for r in self.running.values())
+            adopted = any(r.handle.adopted for r in self.running.values())
             soon = adopted or throttled
             self.signals.sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
@@ -516,7 +496,7 @@ class Engine:
         for r in list(self.running.values()):
             r.handle.kill()
         for r in list(self.running.values()):
-            code = _wait_killed(r.handle)
+            code = r.handle.wait_killed()
             self._ended(r, code, self.clock(), interrupted=True)
         left = [n for n, s in self.states.items() if s in WAITING]
         if left:
@@ -576,25 +556,6 @@ class Engine:
             return f"{','.join(nodes)}:gpu{indices[0]}-{indices[-1]}"
         gpus = ",".join(f"gpu{i}" for i in indices)
         return f"{','.join(nodes)}:{gpus}" if self.several_nodes else gpus
-
-
-def request_for(e: Experiment, mem_bytes: int | None, time_s: float | None = None) -> policy.Request:
-    return policy.Request(
-        name=e.name, phase_index=e.phase_index, phase=e.phase, barrier=e.barrier, order=e.order, gpus=e.gpus,
-        mem_bytes=mem_bytes, time_s=e.time_s if time_s is None else time_s, cpus=e.cpus, exclusive=e.exclusive,
-        resumable=e.resumable, depends_on=e.depends_on, util=e.util, nodes=e.nodes,
-    )
-
-
-def _wait_killed(handle: Handle, timeout_s: float = 10.0) -> int | None:
-    """After SIGKILL the group is gone within milliseconds; collect the wrapper's status."""
-    if handle.popen is not None:
-        try:
-            code = handle.popen.wait(timeout_s)
-            return (128 - code) if code < 0 else code
-        except Exception:  # a process stuck in the kernel: give up on its status, not the run
-            return None
-    return handle.poll()[1]
 
 
 def _row(e: Experiment) -> ExperimentRow:

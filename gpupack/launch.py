@@ -1,5 +1,6 @@
-"""Starting, signalling and reaping experiments: LocalLauncher (a setsid subprocess) and
-SrunLauncher (a Slurm job step, whose local `srun` client is run the same way).
+"""Starting, signalling and reaping experiments: LocalLauncher (a setsid subprocess), and what
+every launcher shares (srun.py's SrunLauncher, a Slurm job step, runs its local `srun` client the
+same way). Nothing here knows Slurm: the Slurm side depends on this module, never the reverse.
 
 Every attempt runs in its own session, so its whole process tree is one process group that
 gpupack kills as a unit after the grace period (children that outlive their parent included).
@@ -32,13 +33,10 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, Protocol
 
 from . import procs, ranks
 from .procs import Identity
-
-if TYPE_CHECKING:
-    from .slurm import GpuMode
 
 # $1 = exit file, the rest = the command. The trap keeps the wrapper alive through the preempt
 # signal so that it can record the command's status; `:` traps are not inherited by the command.
@@ -108,6 +106,22 @@ class Handle:
         if self.group_is_ours():
             return False, None
         return True, read_int_file(self.exit_file)
+
+    @property
+    def adopted(self) -> bool:
+        """A survivor of an earlier scheduler: no child of ours, so no SIGCHLD when it ends
+        (the loop polls it sooner)."""
+        return self.popen is None
+
+    def wait_killed(self, timeout_s: float = 10.0) -> int | None:
+        """After SIGKILL the group is gone within milliseconds; collect the wrapper's status."""
+        if self.popen is not None:
+            try:
+                code = self.popen.wait(timeout_s)
+                return (128 - code) if code < 0 else code
+            except Exception:  # a process stuck in the kernel: give up on its status, not the run
+                return None
+        return self.poll()[1]
 
     def group_is_ours(self) -> bool:
         """The group still runs and is this attempt's. A live leader must be the very process
@@ -272,126 +286,6 @@ class LocalLauncher:
 def command_argv(spec: LaunchSpec, inner: Sequence[str] = ()) -> list[str]:
     """`bash -c CMD` (or `inner`), behind the few bytes of sh that record the command's pid (_COMMAND)."""
     return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), *(inner or ("bash", "-c", spec.cmd))]
-
-
-class SrunLauncher(LocalLauncher):
-    """Each attempt is one job step of the current allocation, started by a local srun client
-    (srun forwards the signals it gets to the step's tasks).
-
-    Step creation is throttled: while any step's srun reports "step creation temporarily
-    disabled" (it retries by itself) no new step is started, so slurmctld never sees a storm."""
-
-    kind = "srun"
-    WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
-
-    def __init__(
-        self,
-        mode: GpuMode,
-        node_gpus: int | Mapping[str, int] | None = None,
-        max_steps_per_s: int = 5,
-        here: str | None = None,
-        lost_nodes: Callable[[bool], Mapping[str, str]] | None = None,
-    ):
-        """`node_gpus`: the job's GPU count on every node, or per node (overlap mode asks for
-        all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch)."""
-        from .slurm import StepThrottle
-
-        self.here = here  # the Slurm node this gpupack runs on (None: a login node, not one of the job's)
-        self.mode = mode
-        self.node_gpus = node_gpus
-        self.lost_nodes = lost_nodes
-        self.throttle = StepThrottle(max_steps_per_s)
-        self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
-        self._steps: dict[str, tuple[Path, int, tuple[str, ...]]] = {}  # name -> (log, offset at launch, nodes)
-        self._addresses: dict[str, str] = {}  # node -> NodeAddr (MASTER_ADDR of multi-node steps)
-
-    def environment(self, spec: LaunchSpec) -> dict[str, str]:
-        from .slurm_nodes import srun_env  # without SLURM_GPUS, which srun would take as --gpus
-
-        return srun_env(spec.env)  # MASTER_ADDR of a multi-node step: the step sets it (slurm.py)
-
-    def argv(self, spec: LaunchSpec) -> list[str]:
-        from .slurm import srun_argv
-
-        node_gpus = self.node_gpus
-        if isinstance(node_gpus, Mapping):
-            node_gpus = node_gpus.get(spec.node)
-        master_addr = ""
-        if len(spec.nodes) > 1:
-            if spec.nodes[0] not in self._addresses:
-                from .slurm_nodes import node_address
-
-                self._addresses[spec.nodes[0]] = node_address(spec.nodes[0])
-            master_addr = self._addresses[spec.nodes[0]]
-        return srun_argv(
-            name=spec.name,
-            node=spec.node,
-            gpu_indices=spec.cuda_ids,  # what CUDA_VISIBLE_DEVICES says, not positions
-            cpus=spec.cpus,
-            mode=self.mode,
-            inner_argv=command_argv(spec),
-            node_gpus=node_gpus,
-            nodes=spec.nodes,
-            master_addr=master_addr,
-        )
-
-    def runs_here(self, node: str) -> bool:
-        return self.here is not None and node == self.here
-
-    def command_here(self, spec: LaunchSpec) -> bool:
-        # A multi-node step runs one command per node, all recording their pid in the one file:
-        # srun tells them all instead.
-        return self.runs_here(spec.node) and len(spec.nodes) <= 1
-
-    def launch(self, spec: LaunchSpec) -> Handle:
-        offset = spec.log_path.stat().st_size if spec.log_path.exists() else 0
-        handle = super().launch(spec)
-        now = time.monotonic()  # the throttle's clock, as may_launch() is given it
-        self.throttle.launched(spec.name, now)
-        self._watched[spec.name] = (spec.log_path, offset, now)
-        self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))
-        return handle
-
-    def lost(self, name: str) -> str | None:
-        """srun exits 0 when the step's node fails under it, saying `Node failure on n2` on
-        stderr (the attempt's log): that, or the allocation having lost the node, is a loss."""
-        if name not in self._steps:
-            return None
-        from .slurm_nodes import node_failures
-
-        log, offset, nodes = self._steps[name]
-        try:
-            with open(log, "rb") as f:
-                f.seek(max(offset, f.seek(0, os.SEEK_END) - 65536))  # srun's last words
-                failed = node_failures(f.read().decode(errors="replace"))
-        except OSError:
-            failed = set()
-        lost = self.lost_nodes(bool(failed)) if self.lost_nodes is not None else {}
-        for node in nodes:
-            if node in lost:
-                return f"node {node} {lost[node]}"
-        if failed:
-            return f"node failure on {', '.join(sorted(failed))} (srun)"
-        return None
-
-    def may_launch(self, now: float) -> bool:
-        for name, (log, offset, since) in list(self._watched.items()):
-            try:
-                with open(log, "rb") as f:
-                    f.seek(offset)
-                    text = f.read(65536)
-            except OSError:
-                text = b""
-            self._watched[name] = (log, offset + len(text), since)
-            self.throttle.observe(name, text.decode(errors="replace"))
-            if now - since > self.WATCH_S and name not in self.throttle.waiting:
-                del self._watched[name]
-        return self.throttle.may_launch(now)
-
-    def ended(self, name: str) -> None:
-        self._watched.pop(name, None)
-        self._steps.pop(name, None)
-        self.throttle.ended(name)
 
 
 def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:

@@ -11,7 +11,8 @@ The rule (README "The run directory"):
   a temporary directory (its -shm index is never shared, nothing is written in the run directory).
 
 `open_run(run_dir)` returns a RunSource: what status and watch need, from either side.
-`open_database(run_dir)` returns a read-only Store for results and report.
+`open_database(run_dir)` returns a read-only Store for results and report; `watch` draws the
+dashboard from a RunSource.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ import time
 import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from .dashboard import View, build_view
+from .dashboard import Dashboard, View, build_view
 from .publish import EVENTS_FILE, FORMAT, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
 from .status import status_data
 from .store import EventRow, Store, StoreError
 from .units import format_duration
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 DB_FILE = "state.db"
 
@@ -323,3 +327,26 @@ def open_run(run_dir: Path, now: float | None = None) -> RunSource:
     if doc is not None and writer is not None and "view" in doc and not writer.here and alive:
         return SnapshotSource(run_dir, doc)
     return DatabaseSource(run_dir, open_database(run_dir, now), frozen=not alive)
+
+
+def watch(run_dir: Path, console: Console, interval_s: float = 2.0) -> int:
+    """`gpupack watch`: the run's dashboard from another terminal or host, read-only, until the run
+    ends, its scheduler is gone (reader.py: heartbeat), or Ctrl-C."""
+    source = open_run(Path(run_dir))
+    board = Dashboard(source, Path(run_dir), console, live=console.is_terminal, log_every_s=source.log_every_s)
+    why: str | None = None
+    try:
+        why = source.poll(time.time())
+        board.start()
+        while why is None:
+            time.sleep(interval_s)  # polling files another process writes; there is no event to wait on
+            why = source.poll(time.time())
+            board.refresh(time.time())
+    except KeyboardInterrupt:
+        pass
+    finally:
+        board.stop()
+        source.close()
+    if why:
+        console.print(why, markup=False, highlight=False)
+    return 0

@@ -1,7 +1,7 @@
 """`gpupack plan`: a discrete-event simulation that drives the very same `policy.place()` as a
 run, over estimated durations, and predicts the timeline of a manifest on given GPUs.
 
-Same code path as a run with `--gpus`: requests come from `engine.request_for` (an unknown time
+Same code path as a run with `--gpus`: requests come from `request.request_for` (an unknown time
 stays unknown to the policy), the GPUs are read through `SimulatedProbe` (an occupant uses exactly
 its budget, the whole GPU when its memory is unknown), and occupants carry what the engine gives
 them (expected end = start + estimate). Only the clock is simulated: events are experiment ends.
@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import policy
-from .engine import request_for
 from .gpus import GpuInfo, SimulatedProbe
 from .manifest import Experiment, Manifest
 from .policy import GpuKey, Occupant, State
+from .request import request_for
 from .units import format_bytes, format_duration
 
 if TYPE_CHECKING:  # rich is imported by render_plan alone: `plan --json` does not draw

@@ -37,10 +37,9 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-if TYPE_CHECKING:
-    from .engine import Hooks
+from .hooks import Hooks
 
 GpuMode = Literal["gres-none", "overlap"]
 GPU_MODES: tuple[GpuMode, ...] = ("gres-none", "overlap")
@@ -385,13 +384,11 @@ def job_script(job_id: str, args: Sequence[str] = (), *, run: Runner = run_comma
 def engine_hooks(
     allocation: Allocation, max_requeues: int, *, run_args: Sequence[str] | None = None,
     run: Runner = run_command,
-) -> "Hooks":
+) -> Hooks:
     """The engine's view of Slurm: time left (refreshed now and then) and the end-of-allocation
     action: requeue while `allocation.restart_count < max_requeues`, else nothing; where requeue
     is disabled, resubmit the batch script with `run_args` (default: this process's arguments
     after `run`, i.e. what parallel.slurm passed to `gpupack run`)."""
-    from .engine import Hooks  # the engine owns the type; it never imports this module
-
     job = allocation.job_id
     clock = AllocationClock(job, query=lambda j, now: end_time(j, now, run=run))
     if run_args is None:

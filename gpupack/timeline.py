@@ -17,12 +17,10 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from .runfacts import RunFacts, gpu_label
 from .store import FAILED, INTERRUPTED
-
-if TYPE_CHECKING:
-    from .report import RunFacts
 
 MAX_SUB_ROWS = 8  # more co-located attempts than this overlap in a lane instead of becoming hairlines
 # matplotlib's tab10, so that the SVG and the PNG colour phases alike
@@ -85,8 +83,6 @@ def _sub_rows(bars: list[tuple[float, float, Any]]) -> tuple[list[int], int]:
 
 
 def layout(facts: RunFacts, title: str, target_pct: float) -> Layout:
-    from .report import gpu_label
-
     t0 = facts.windows[0].start if facts.windows else 0.0
     span = max((facts.windows[-1].end - t0) if facts.windows else 0.0, 1.0)
     unit, unit_s = ("h", 3600.0) if span >= 7200 else ("min", 60.0) if span >= 120 else ("s", 1.0)

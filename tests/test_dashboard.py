@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from gpupack import dashboard
+from gpupack import dashboard, reader
 from gpupack.status import status_data
 from gpupack.store import A_RUNNING, Store
 from conftest import ROOT, gpupack_env
@@ -136,7 +136,7 @@ def test_watch_returns_when_the_run_has_ended(run_dir: Path) -> None:
     writer = Store(run_dir / "state.db")
     writer.end_run(1, 0, NOW)
     buf = io.StringIO()
-    assert dashboard.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
+    assert reader.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
     out = buf.getvalue()
     assert out.count("=== ") == 2 and out.rstrip().endswith("run ended (exit code 0)")
     assert "| demo | job 4242 | ended after 25m00s ===" in out
@@ -149,7 +149,7 @@ def test_watch_notices_a_dead_scheduler(run_dir: Path) -> None:
     writer = Store(run_dir / "state.db")
     writer.begin_run(proc.pid, socket.gethostname(), None, "", NOW + 100)
     buf = io.StringIO()
-    assert dashboard.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
+    assert reader.watch(run_dir, Console(file=buf, force_terminal=False), interval_s=0.01) == 0
     assert f"the scheduler (pid {proc.pid}) is gone" in buf.getvalue()
     writer.close()
 

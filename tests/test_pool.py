@@ -19,7 +19,7 @@ import pytest
 
 from gpupack import _reader
 from gpupack.gpus import Reading, SimulatedProbe, parse_gpu_spec
-from gpupack.launch import SrunLauncher
+from gpupack.srun import SrunLauncher
 from gpupack.policy import GpuSnapshot, Occupant
 from gpupack.pool import NodeReader, PoolProbe, stale_limit_s
 

@@ -138,7 +138,7 @@ def test_a_stale_writer_elsewhere_means_the_database_and_watch_ends(run_dir: Pat
     store.begin_run(1, "compute-7", "4242", "", NOW + 10)
     store.close()
     buf = io.StringIO()
-    assert dashboard.watch(run_dir, Console(file=buf, force_terminal=False, width=200), interval_s=0.01) == 0
+    assert reader.watch(run_dir, Console(file=buf, force_terminal=False, width=200), interval_s=0.01) == 0
     assert buf.getvalue().rstrip().splitlines()[-1].startswith("the scheduler (pid 1 on compute-7, job 4242) is gone: no heartbeat for 5m")
 
 
