@@ -22,7 +22,10 @@ LAYERS: list[tuple[str, set[str]]] = [
         "pool", "srun", "recovery", "slurm_nodes", "slurm", "_reader", "launch", "gpus", "ranks",
         "procs", "runlock",
     }),
-    ("model", {"request", "manifest", "templates", "estimates", "outcome", "hooks", "store", "states", "jsonout"}),
+    ("model", {
+        "request", "manifest", "manifest_fields", "manifest_yaml", "manifest_expansion", "templates",
+        "estimates", "outcome", "hooks", "store", "states", "jsonout",
+    }),
     ("base", {"policy", "units", "signals"}),
 ]
 
