@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "request", "manifest", "manifest_fields", "manifest_yaml", "manifest_expansion", "templates",
         "estimates", "outcome", "hooks", "store", "states", "jsonout",
     }),
-    ("base", {"policy", "units", "signals"}),
+    ("base", {"policy", "policy_view", "policy_types", "units", "signals"}),
 ]
 
 
