@@ -24,7 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     }),
     ("model", {
         "request", "manifest", "manifest_fields", "manifest_yaml", "manifest_expansion", "templates",
-        "estimates", "outcome", "hooks", "store", "states", "jsonout",
+        "estimates", "outcome", "hooks", "store", "store_schema", "store_experiments", "store_attempts",
+        "store_history", "states", "jsonout",
     }),
     ("base", {"policy", "policy_view", "policy_types", "units", "signals"}),
 ]
