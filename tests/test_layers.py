@@ -22,8 +22,12 @@ LAYERS: list[tuple[str, set[str]]] = [
         "backend", "pool", "srun", "recovery", "slurm_nodes", "slurm", "_reader", "launch", "gpus", "ranks",
         "procs", "runlock",
     }),
-    ("model", {"request", "manifest", "templates", "estimates", "outcome", "hooks", "store", "states", "jsonout"}),
-    ("base", {"policy", "units", "signals", "exits"}),
+    ("model", {
+        "request", "manifest", "manifest_fields", "manifest_yaml", "manifest_expansion", "templates",
+        "estimates", "outcome", "hooks", "store", "store_schema", "store_experiments", "store_attempts",
+        "store_history", "states", "jsonout",
+    }),
+    ("base", {"policy", "policy_view", "policy_types", "units", "signals", "exits"}),
 ]
 
 

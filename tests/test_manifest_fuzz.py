@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpupack import manifest
+from gpupack import manifest_fields, manifest_yaml
 from gpupack.manifest import Manifest, ManifestError, load
 
 CAPACITY = 80 * 10**9
@@ -229,7 +229,7 @@ def _read(text: str, loader: type) -> object:
         return "refused"
 
 
-@pytest.mark.skipif(manifest._FastLoader is None, reason="PyYAML built without libyaml")
+@pytest.mark.skipif(manifest_yaml.FastLoader is None, reason="PyYAML built without libyaml")
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
 def test_libyaml_reads_what_it_accepts_as_the_python_loader_does(data: st.DataObject) -> None:
@@ -243,10 +243,10 @@ def test_libyaml_reads_what_it_accepts_as_the_python_loader_does(data: st.DataOb
         for _ in range(data.draw(st.integers(0, 4))):
             at = data.draw(st.integers(0, len(text)))
             text = text[:at] + data.draw(st.sampled_from(YAML_BITS + [""])) + text[at + data.draw(st.integers(0, 3)) :]
-    fast = _read(text, manifest._FastLoader)
-    if manifest._LIBYAML_DIFFERS.search(text) or fast == "refused":
+    fast = _read(text, manifest_yaml.FastLoader)
+    if manifest_yaml.LIBYAML_DIFFERS.search(text) or fast == "refused":
         return  # the Python loader alone reads it
-    assert fast == _read(text, manifest._Loader), text
+    assert fast == _read(text, manifest_yaml.Loader), text
 
 
 def test_the_fast_path_is_taken_for_an_ordinary_manifest(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +258,7 @@ def test_the_fast_path_is_taken_for_an_ordinary_manifest(monkeypatch: pytest.Mon
         return real_load(text, Loader=Loader)  # noqa: S506
 
     monkeypatch.setattr(yaml, "load", spy)
-    problems = manifest._Problems("exp.yaml")
-    assert manifest._read_yaml(dump(BASE), problems) == BASE and not problems.lines
-    expected = [manifest._FastLoader] if manifest._FastLoader is not None else [manifest._Loader]
+    problems = manifest_fields.Problems("exp.yaml")
+    assert manifest_yaml.read_yaml(dump(BASE), problems) == BASE and not problems.lines
+    expected = [manifest_yaml.FastLoader] if manifest_yaml.FastLoader is not None else [manifest_yaml.Loader]
     assert calls == expected

@@ -583,16 +583,20 @@ def test_unfit_reason(request_: Request, reason: str | None) -> None:
     assert unfit_reason(request_, inventory, headroom, {"a": 32, "b": 32}) == reason
 
 
-def test_policy_imports_no_clock_io_or_randomness() -> None:
-    tree = ast.parse(Path(policy.__file__).read_text())
-    imported = set()
+@pytest.mark.parametrize("module", ["policy", "policy_types", "policy_view"])
+def test_policy_imports_no_clock_io_or_randomness(module: str) -> None:
+    tree = ast.parse((Path(policy.__file__).parent / f"{module}.py").read_text())
+    imported, ours = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            ours.add(node.module or "")  # the policy's own parts, nothing else of gpupack
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert not imported & {"time", "os", "subprocess", "logging", "random", "datetime", "gpupack"}
     assert imported <= {"__future__", "typing", "dataclasses", "enum", "collections", "math", "itertools", "heapq"}
+    assert ours <= {"policy_types", "policy_view"}
 
 
 _mem = st.one_of(st.none(), st.integers(1, 80))

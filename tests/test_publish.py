@@ -111,7 +111,7 @@ def test_a_live_writer_on_another_host_is_read_from_the_snapshot(run_dir: Path, 
         raise AssertionError("a reader on another host opened the database")
 
     monkeypatch.setattr(reader.sqlite3, "connect", no_database)
-    monkeypatch.setattr("gpupack.store.sqlite3.connect", no_database)
+    monkeypatch.setattr("gpupack.store_schema.sqlite3.connect", no_database)
     source = reader.open_run(run_dir, now)
     assert source.source == "snapshot"
     assert source.poll(now) is None
