@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from . import slurm
+from . import slurm, slurm_requeue, slurm_steps
 from .gpus import GpuProbe, open_probe
 from .hooks import Hooks
 from .launch import LocalLauncher
@@ -72,7 +72,7 @@ class LocalBackend:
 class SlurmBackend:
     """Inside an allocation (slurm.py's Allocation, read once): its GPUs (other nodes' through a
     reader step each, pool.py), one job step per attempt (srun.py), squeue's time left and
-    requeue or resubmission at the end (slurm.engine_hooks)."""
+    requeue or resubmission at the end (slurm_requeue.engine_hooks)."""
 
     allocation: slurm.Allocation
     env: Mapping[str, str]
@@ -105,13 +105,13 @@ class SlurmBackend:
         from .srun import SrunLauncher
 
         allocation, watch = self.allocation, self._watch
-        mode = slurm.detect_gpu_mode(srun_mode or self.env.get("GPUPACK_SRUN_MODE"))
+        mode = slurm_steps.detect_gpu_mode(srun_mode or self.env.get("GPUPACK_SRUN_MODE"))
         lost = None if watch is None else (lambda force: watch.lost(time.time(), force))
         node_gpus = {n: len(allocation.gpus_on(n)) for n in allocation.nodes}
         return SrunLauncher(mode, node_gpus=node_gpus, here=self.env.get("SLURMD_NODENAME"), lost_nodes=lost)
 
     def hooks(self, max_requeues: int, run_args: Sequence[str]) -> Hooks:
-        return slurm.engine_hooks(self.allocation, max_requeues, run_args=run_args)
+        return slurm_requeue.engine_hooks(self.allocation, max_requeues, run_args=run_args)
 
     def close(self) -> None:
         if self._pool is not None:

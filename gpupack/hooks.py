@@ -1,6 +1,6 @@
 """What the run loop is given besides GPUs and a launcher: its options and the hooks into the
 world it runs in (Slurm or nothing). A leaf: the engine and the Slurm side both import it, so
-that slurm.py can build the engine's hooks without importing the engine."""
+that slurm_requeue.py can build the engine's hooks without importing the engine."""
 
 from __future__ import annotations
 

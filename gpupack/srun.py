@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from .launch import Handle, LaunchSpec, LocalLauncher, command_argv
-from .slurm import GpuMode, StepThrottle, srun_argv
+from .slurm_steps import GpuMode, StepThrottle, srun_argv
 from .slurm_nodes import node_address, node_failures, srun_env
 
 
@@ -46,7 +46,7 @@ class SrunLauncher(LocalLauncher):
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         # Without SLURM_GPUS, which srun would take as --gpus; a multi-node step's MASTER_ADDR:
-        # the step sets it (slurm.py).
+        # the step sets it (slurm_steps.py).
         return srun_env(spec.env)
 
     def argv(self, spec: LaunchSpec) -> list[str]:

@@ -402,7 +402,8 @@ def test_failures_are_retried_by_a_new_run_but_not_by_a_requeued_job(write_manif
     from gpupack.gpus import SimulatedProbe, parse_gpu_spec
     from gpupack.launch import LocalLauncher
     from gpupack.manifest import load
-    from gpupack.slurm import Allocation, SlurmMissing, engine_hooks
+    from gpupack.slurm import Allocation, SlurmMissing
+    from gpupack.slurm_requeue import engine_hooks
     from gpupack.store import Store
 
     def no_slurm(argv: Sequence[str]) -> str:

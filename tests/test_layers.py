@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "dashboard", "status", "runfacts",
     }),
     ("outside world", {
-        "backend", "pool", "srun", "recovery", "slurm_nodes", "slurm", "_reader", "launch", "gpus", "ranks",
+        "backend", "pool", "srun", "recovery", "slurm_nodes", "slurm_requeue", "slurm_steps", "slurm", "_reader", "launch", "gpus", "ranks",
         "procs", "runlock",
     }),
     ("model", {

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gpupack import slurm
+from gpupack import slurm, slurm_requeue, slurm_steps
 from slurm_support import (  # noqa: F401 (fixtures)
     RECORD, Jobs, gpupack_status, jobs, python_script, slurm_env, submit_gpupack, wait_for, wait_for_file,
     wait_job_done,
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.slurm
 STEPS_DRIVER = '''
 import json, os, subprocess, sys
 from pathlib import Path
-from gpupack.slurm import Allocation, srun_argv
+from gpupack.slurm import Allocation
+from gpupack.slurm_steps import srun_argv
 
 out, mode, specs = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
 alloc = Allocation.from_env(os.environ)
@@ -53,7 +54,7 @@ codes = {name: p.wait() for name, p in procs.items()}
 SPECS = {"g3": [3], "g2": [2], "g1": [1], "g0": [0], "g13": [1, 3], "g02": [0, 2], "cpu-a": [], "cpu-b": []}
 
 
-@pytest.mark.parametrize("mode", slurm.GPU_MODES)
+@pytest.mark.parametrize("mode", slurm_steps.GPU_MODES)
 def test_steps_see_the_gpus_gpupack_chose_and_run_concurrently(jobs: Jobs, tmp_path: Path, mode: str) -> None:
     script = python_script(tmp_path / "driver.py", STEPS_DRIVER)
     out = tmp_path / "out"
@@ -122,7 +123,7 @@ def test_requeue_starts_the_job_again_with_restart_count_one(jobs: Jobs, tmp_pat
     job = jobs.sbatch("--requeue", "-o", str(tmp_path / "job.log"), "--open-mode=append", str(script), str(tmp_path))
     first = json.loads(wait_for_file(tmp_path / f"run-{job}-0.json", 30))
     assert first["restart_count"] == 0 and first["env"] is None  # unset on the first run
-    assert slurm.requeue(job)
+    assert slurm_requeue.requeue(job)
     # cred_expire=10 + sched_interval=5 on the test cluster: back within ~15 s.
     second = json.loads(wait_for_file(tmp_path / f"run-{job}-1.json", 60))
     assert second == {"restart_count": 1, "env": "1", "argv": [str(tmp_path)]}
@@ -137,10 +138,10 @@ def test_resubmit_where_requeue_is_disabled(jobs: Jobs, tmp_path: Path, monkeypa
     args = [str(tmp_path), "two words", "--poll", "2"]
     job = jobs.sbatch("--no-requeue", "--time=7", "-o", str(tmp_path / "%j.log"), str(script), *args, cwd=work)
     wait_for_file(tmp_path / f"run-{job}-0.json", 30)
-    assert not slurm.requeue(job)  # "Requested operation is presently disabled"
-    found = slurm.job_script(job, args)
+    assert not slurm_requeue.requeue(job)  # "Requested operation is presently disabled"
+    found = slurm_requeue.job_script(job, args)
     assert found == str(script)
-    new = slurm.resubmit(found, args, job_id=job)
+    new = slurm_requeue.resubmit(found, args, job_id=job)
     assert new is not None and new != job
     jobs.ids.append(new)
     record = json.loads(wait_for_file(tmp_path / f"run-{new}-0.json", 30))
@@ -179,7 +180,7 @@ phases:
 """
 
 
-@pytest.mark.parametrize("mode", slurm.GPU_MODES)
+@pytest.mark.parametrize("mode", slurm_steps.GPU_MODES)
 def test_sbatch_packs_experiments_as_steps_with_the_intended_gpus(jobs: Jobs, tmp_path: Path, mode: str) -> None:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(PACKING.format(record=RECORD))

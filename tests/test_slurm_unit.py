@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from gpupack import slurm
-from gpupack.slurm import Allocation, AllocationClock, StepThrottle, srun_argv
+from gpupack import slurm, slurm_requeue, slurm_steps
+from gpupack.slurm import Allocation, AllocationClock
+from gpupack.slurm_steps import StepThrottle, srun_argv
 
 INNER = ["bash", "-c", "python train.py --out /runs/x"]
 COMMON = [
@@ -109,18 +110,18 @@ CONFIG_CGROUP = (
     ],
 )
 def test_gpu_mode(config: str | None, override: str | None, mode: str) -> None:
-    assert slurm.gpu_mode(config, override) == mode
+    assert slurm_steps.gpu_mode(config, override) == mode
 
 
 def test_gpu_mode_refuses_unknown_override() -> None:
     with pytest.raises(ValueError, match="'shard' is not one of auto, gres-none, overlap"):
-        slurm.gpu_mode(None, "shard")
+        slurm_steps.gpu_mode(None, "shard")
 
 
 def test_detect_gpu_mode_asks_scontrol_only_without_override() -> None:
     fake = FakeSlurm({("scontrol", "show", "config"): CONFIG_NO_CGROUP})
-    assert slurm.detect_gpu_mode(None, run=fake) == "gres-none"
-    assert slurm.detect_gpu_mode("overlap", run=fake) == "overlap"
+    assert slurm_steps.detect_gpu_mode(None, run=fake) == "gres-none"
+    assert slurm_steps.detect_gpu_mode("overlap", run=fake) == "overlap"
     assert len(fake.calls) == 1
 
 
@@ -328,28 +329,28 @@ def test_clock_unlimited_or_unknown_is_none() -> None:
 
 
 def test_requeue() -> None:
-    assert slurm.requeue("12", run=FakeSlurm({("scontrol", "requeue", "12"): ""}))
+    assert slurm_requeue.requeue("12", run=FakeSlurm({("scontrol", "requeue", "12"): ""}))
     # --no-requeue: "Requested operation is presently disabled" and exit 1.
-    assert not slurm.requeue("12", run=FakeSlurm({("scontrol", "requeue", "12"): None}))
+    assert not slurm_requeue.requeue("12", run=FakeSlurm({("scontrol", "requeue", "12"): None}))
 
 
 def test_job_script_cuts_known_arguments_off_command() -> None:
     fake = FakeSlurm({("scontrol", "show", "job"): show_job()})
     args = ["exp.yaml", "--poll", "2"]
-    assert slurm.job_script("12", args, run=fake) == "/home/alice/my project/slurm/parallel.slurm"
-    assert slurm.job_script("12", run=fake) == "/home/alice/my"  # unknown arguments: first word
+    assert slurm_requeue.job_script("12", args, run=fake) == "/home/alice/my project/slurm/parallel.slurm"
+    assert slurm_requeue.job_script("12", run=fake) == "/home/alice/my"  # unknown arguments: first word
     wrapped = show_job().replace("Command=/home/alice/my project/slurm/parallel.slurm exp.yaml --poll 2", "Command=(null)")
-    assert slurm.job_script("12", run=FakeSlurm({("scontrol",): wrapped})) is None
+    assert slurm_requeue.job_script("12", run=FakeSlurm({("scontrol",): wrapped})) is None
 
 
 def test_resubmit_carries_command_line_options_over() -> None:
     fake = FakeSlurm({("scontrol", "show", "job", "12"): show_job(limit="04:00:00"), ("sbatch",): "13\n"})
-    assert slurm.resubmit("/s/parallel.slurm", ["exp.yaml", "--poll", "2"], job_id="12", run=fake) == "13"
+    assert slurm_requeue.resubmit("/s/parallel.slurm", ["exp.yaml", "--poll", "2"], job_id="12", run=fake) == "13"
     assert fake.calls[-1] == [
         "sbatch", "--parsable", "--time=04:00:00", "--partition=gpu", "--account=proj7",
         "--chdir=/home/alice/my project", "/s/parallel.slurm", "exp.yaml", "--poll", "2",
     ]
-    assert slurm.resubmit("/s/p.slurm", [], run=FakeSlurm({("sbatch",): None})) is None
+    assert slurm_requeue.resubmit("/s/p.slurm", [], run=FakeSlurm({("sbatch",): None})) is None
 
 
 def allocation(restarts: int) -> Allocation:
@@ -358,12 +359,12 @@ def allocation(restarts: int) -> Allocation:
 
 def test_engine_hooks_requeue_until_the_bound() -> None:
     fake = FakeSlurm({("scontrol", "requeue", "12"): "", ("squeue",): "10:00\n"})
-    hooks = slurm.engine_hooks(allocation(1), max_requeues=2, run_args=["m.yaml"], run=fake)
+    hooks = slurm_requeue.engine_hooks(allocation(1), max_requeues=2, run_args=["m.yaml"], run=fake)
     assert hooks.requeue() == "requeued job 12 (run 3)"
     assert hooks.time_left(50.0) == 600.0
     assert hooks.cpus_per_node == {"vm": 16} and hooks.job_id == "12"
     fake.calls.clear()
-    hooks = slurm.engine_hooks(allocation(2), max_requeues=2, run_args=["m.yaml"], run=fake)
+    hooks = slurm_requeue.engine_hooks(allocation(2), max_requeues=2, run_args=["m.yaml"], run=fake)
     assert "requeued 2 times (--max-requeues 2)" in (hooks.requeue() or "")
     assert fake.calls == []
 
@@ -374,7 +375,7 @@ def test_engine_hooks_resubmit_where_requeue_is_disabled() -> None:
         ("scontrol", "show", "job"): show_job(),
         ("sbatch",): "99\n",
     })
-    hooks = slurm.engine_hooks(allocation(0), max_requeues=10, run_args=["exp.yaml", "--poll", "2"], run=fake)
+    hooks = slurm_requeue.engine_hooks(allocation(0), max_requeues=10, run_args=["exp.yaml", "--poll", "2"], run=fake)
     assert hooks.requeue() == (
         "requeue disabled for job 12; resubmitted /home/alice/my project/slurm/parallel.slurm as job 99"
     )
@@ -390,9 +391,9 @@ SRUN_CREATED = "srun: Step created for job 4"
 
 
 def test_srun_messages() -> None:
-    assert slurm.step_waiting(SRUN_WAIT) and slurm.step_waiting(SRUN_STILL)
-    assert not slurm.step_waiting(SRUN_CREATED) and not slurm.step_waiting("epoch 3 loss 0.2")
-    assert slurm.step_created(SRUN_CREATED) and not slurm.step_created(SRUN_WAIT)
+    assert slurm_steps.step_waiting(SRUN_WAIT) and slurm_steps.step_waiting(SRUN_STILL)
+    assert not slurm_steps.step_waiting(SRUN_CREATED) and not slurm_steps.step_waiting("epoch 3 loss 0.2")
+    assert slurm_steps.step_created(SRUN_CREATED) and not slurm_steps.step_created(SRUN_WAIT)
 
 
 def test_throttle_rate_window() -> None:
@@ -592,5 +593,5 @@ def test_facts_are_unknown_whatever_the_failure(error: slurm.SlurmError) -> None
     assert slurm.end_time("12", 0.0, run=broken) is None
     assert slurm.show_job("12", run=broken) is None
     assert slurm.expand_nodelist("n[1-2]", run=broken) == ()
-    assert not slurm.requeue("12", run=broken)
-    assert slurm.detect_gpu_mode(None, run=broken) == "overlap"
+    assert not slurm_requeue.requeue("12", run=broken)
+    assert slurm_steps.detect_gpu_mode(None, run=broken) == "overlap"
