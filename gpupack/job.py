@@ -41,6 +41,12 @@ from typing import Any
 from .signals import DEFAULT_PREEMPT_SIGNAL as DEFAULT_PREEMPT_SIGNAL  # re-exported for experiments
 from .signals import preempt_signal as _preempt_signal_of
 
+# The API for experiment code (README "Python API"): these names are kept stable.
+__all__ = [
+    "DEFAULT_PREEMPT_SIGNAL", "atomic_path", "attempt", "load_checkpoint", "on_preempt", "out_dir",
+    "preempt_signal", "preempt_signals", "resuming", "save_checkpoint", "write_results",
+]
+
 _received: signal.Signals | None = None
 
 

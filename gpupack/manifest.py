@@ -64,9 +64,18 @@ from .units import parse_duration as parse_duration  # re-exported: callers use 
 from .units import parse_size as parse_size  # re-exported: callers use manifest.parse_size
 from .units import show_value as _show
 
+# Part of gpupack's Python API (README "Python API"): these names are kept stable.
+__all__ = [
+    "MAX_EXPERIMENTS", "Experiment", "Manifest", "ManifestError", "Phase", "load", "load_text",
+    "parse_duration", "parse_size",
+]
+
 
 @dataclass(frozen=True)
 class Experiment:
+    """One expanded experiment, as `load` returns it: every field checked, placeholders
+    substituted, dependencies resolved to exact names; sizes in bytes, times in seconds."""
+
     name: str  # expanded, unique
     template: str  # the unexpanded name: grid siblings share it (learning estimates)
     phase: str
@@ -94,6 +103,8 @@ class Experiment:
 
 @dataclass(frozen=True)
 class Manifest:
+    """A loaded manifest: its phases in order and its experiments in manifest order."""
+
     path: Path  # absolute
     name: str
     run_dir: Path  # absolute: <runs_dir>/<name>

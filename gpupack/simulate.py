@@ -41,7 +41,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import policy
-from .gpus import GpuInfo, SimulatedProbe
+from .gpus import GpuInfo as GpuInfo  # re-exported: the API's GPU description
+from .gpus import SimulatedProbe
+from .gpus import parse_gpu_spec as parse_gpu_spec  # re-exported: GPUs from a --gpus spec
 from .manifest import Experiment, Manifest
 from .policy import GpuKey, Occupant, State
 from .request import request_for
@@ -49,6 +51,13 @@ from .units import format_bytes, format_duration
 
 if TYPE_CHECKING:  # rich is imported by render_plan alone: `plan --json` does not draw
     from rich.console import Console
+
+# Part of gpupack's Python API (README "Python API"): these names are kept stable; `lanes` and
+# `render_plan` draw `gpupack plan` and are not.
+__all__ = [
+    "DEFAULT_TIME_S", "MAX_EXPERIMENTS", "Bound", "GpuInfo", "Plan", "Planned", "duration_s", "lower_bound",
+    "parse_gpu_spec", "plan_data", "simulate",
+]
 
 DEFAULT_TIME_S = 1800.0  # an experiment without a time estimate, in the simulation only
 _EPS = 1e-6
@@ -108,6 +117,7 @@ class Plan:
 
 
 def duration_s(exp: Experiment) -> float:
+    """How long `exp` runs alone on its GPUs in the simulation: its `time`, else DEFAULT_TIME_S."""
     return exp.time_s if exp.time_s is not None else DEFAULT_TIME_S
 
 
@@ -135,6 +145,8 @@ def _occupant(name: str, r: _Running, observed_bytes: int | None = None) -> Occu
 def simulate(
     manifest: Manifest, inventory: Sequence[GpuInfo], time_limit_s: float | None = None, headroom_bytes: int = 0
 ) -> Plan:
+    """The timeline of `manifest` on `inventory` (see the module docstring for the model), placed
+    by policy.place() as a run would; with `time_limit_s`, the allocation ends then."""
     exps = list(manifest.experiments)
     by_name = {e.name: e for e in exps}
     requests = [request_for(e, e.mem_bytes) for e in exps]
