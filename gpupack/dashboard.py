@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .policy import GpuKey
 from .runfacts import gpu_key, gpu_label
 from .store import (
-    A_LAUNCHING, A_RUNNING, A_SUCCEEDED, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, EventRow,
+    A_LAUNCHING, A_RUNNING, FAILED, INTERRUPTED, PENDING, RUNNING, SKIPPED, SUCCEEDED, AttemptRow, Event,
     UNAVAILABLE_META, ExperimentRow, Store,
 )
 from .units import format_bytes, format_duration
@@ -104,7 +104,7 @@ class View:
     unestimated: int  # remaining experiments with no time estimate, left out of the ETA
     phases: tuple[PhaseView, ...]
     gpus: tuple[GpuView, ...]
-    events: tuple[EventRow, ...]
+    events: tuple[Event, ...]
 
 
 def build_view(store: Store, now: float) -> View:
@@ -302,7 +302,7 @@ def _gpu_table(view: View, plain: bool) -> Table:
     return table
 
 
-def event_line(event: EventRow) -> str:
+def event_line(event: Event) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.t))
     return f"{stamp} {event.kind:<9} {event.message}"
 
@@ -342,7 +342,7 @@ class ViewSource(Protocol):
     scheduler's host) or the published snapshot (reader.py, `watch` from another host)."""
 
     def view(self, now: float) -> View: ...
-    def events_after(self, event_id: int) -> list[EventRow]: ...
+    def events_after(self, event_id: int) -> list[Event]: ...
     def first_event_id(self) -> int: ...
 
 
@@ -353,7 +353,7 @@ class StoreViews:
     def view(self, now: float) -> View:
         return build_view(self.store, now)
 
-    def events_after(self, event_id: int) -> list[EventRow]:
+    def events_after(self, event_id: int) -> list[Event]:
         return self.store.events(after_id=event_id)
 
     def first_event_id(self) -> int:

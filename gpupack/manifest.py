@@ -1,4 +1,4 @@
-"""The manifest: YAML -> validated, expanded Experiment specs (DESIGN.md "Manifest").
+"""The manifest: YAML -> validated, expanded Experiment specs (README "The manifest").
 
 Contract for the rest of gpupack: `load(path) -> Manifest` or `ManifestError` listing every
 problem at once, each line "<file>: <experiment>: <field>: <what is wrong>", for example

@@ -1,10 +1,10 @@
 """Pure placement policy: (experiments, their states, GPU snapshot, occupants, now, time left) -> placements.
 
 No clock, no I/O, no imports of other gpupack modules but its own parts (policy_types.py: the types,
-policy_view.py: the working view of one call): the engine (live run) and the simulator
+policy_view.py: the working view of one call) and units.py (pure: how gpupack writes a duration): the engine (live run) and the simulator
 (`gpupack plan`, benchmarks) call the very same `place()` so that a prediction is what a run does.
 
-Rules (DESIGN.md "Inside"):
+Rules (README "How it places experiments"):
 - Candidates: experiments in state PENDING whose dependencies all SUCCEEDED and whose phase is not
   behind a barrier. A phase with barrier=True opens only when every experiment of all earlier
   phases has ended (SUCCEEDED, FAILED or SKIPPED); like `wait` in a batch script, the barrier
@@ -70,7 +70,8 @@ from .policy_types import (  # re-exported: the policy's types are imported from
     State as State,
     Wait as Wait,
 )
-from .policy_view import Hold, View, fmt_bytes, fmt_duration, occupant_claim, placement_claim, reserve
+from .policy_view import Hold, View, fmt_bytes, occupant_claim, placement_claim, reserve
+from .units import format_duration
 
 # A candidate whose critical path is at least this share of the remaining GPU work per GPU goes
 # ahead of earlier phases (see Priority above).
@@ -115,7 +116,7 @@ def place(
 
     for req in candidates:
         if left is not None and req.time_s is not None and req.time_s > left and not req.resumable:
-            need, have = fmt_duration(req.time_s), fmt_duration(left)
+            need, have = format_duration(req.time_s), format_duration(left)
             waiting[req.name] = f"needs {need}, {have} left in the allocation"
             why[req.name] = Wait.TIME_LEFT
             continue

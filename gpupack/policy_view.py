@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from .policy_types import GpuKey, GpuSnapshot, Limits, Occupant, Placement, Request, Reservation
+from .units import format_duration  # pure too: the one way gpupack writes a duration
 
 @dataclass(frozen=True)
 class Claim:
@@ -312,16 +313,10 @@ def reserve(
         ):
             return None  # it would be refused for time when its GPUs free up
         res = Reservation(head.name, start_s, p.keys, p.node, p.nodes)
-        return Hold(head, res, future, fmt_duration(start_s - now_s))
+        return Hold(head, res, future, format_duration(start_s - now_s))
     return None
 
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 1e9:.1f} GB"  # GB = 10^9, as the manifest counts
 
-
-def fmt_duration(s: float) -> str:
-    if s < 120:
-        return f"{max(s, 0):.0f}s"
-    h, m = divmod(round(s / 60), 60)
-    return f"{h}h{m:02d}m" if h and m else f"{h}h" if h else f"{m}m"

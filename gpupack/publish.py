@@ -39,7 +39,7 @@ from typing import Any
 
 from .dashboard import GpuView, Occupant, PhaseView, View, build_view
 from .status import status_data
-from .store import EventRow, Store, StoreError
+from .store import Event, Store, StoreError
 
 FORMAT = 1
 STATUS_FILE = "status.json"
@@ -114,15 +114,15 @@ def view_from_json(data: dict[str, Any]) -> View:
                     str(g.get("unavailable", "")))
             for g in data["gpus"]
         ),
-        events=tuple(EventRow(**e) for e in data["events"]),
+        events=tuple(Event(**e) for e in data["events"]),
     )
 
 
-def event_to_json(event: EventRow) -> dict[str, Any]:
+def event_to_json(event: Event) -> dict[str, Any]:
     return {"id": event.id, "t": event.t, "kind": event.kind, "experiment": event.experiment, "message": event.message}
 
 
-def read_events(path: Path, offset: int) -> tuple[list[EventRow], int]:
+def read_events(path: Path, offset: int) -> tuple[list[Event], int]:
     """The complete lines of events.log from byte `offset`: (events, the offset after them). A
     torn last line (the writer killed mid-write, or not yet all visible over NFS) waits; a line
     that does not parse is skipped."""
@@ -136,7 +136,7 @@ def read_events(path: Path, offset: int) -> tuple[list[EventRow], int]:
     events = []
     for line in data[:end].splitlines():
         try:
-            events.append(EventRow(**json.loads(line)))
+            events.append(Event(**json.loads(line)))
         except (ValueError, TypeError):
             continue  # the fragment a killed writer left before its restart's first line
     return events, offset + end

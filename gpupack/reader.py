@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .dashboard import Dashboard, View, build_view
 from .publish import EVENTS_FILE, FORMAT, PUBLISHED_DB, STATUS_FILE, gone_after_s, read_events, view_from_json
 from .status import status_data
-from .store import EventRow, Store, StoreError
+from .store import Event, Store, StoreError
 from .units import format_duration
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class RunSource(Protocol):
 
     def view(self, now: float) -> View: ...
     def status(self) -> dict[str, Any]: ...
-    def events_after(self, event_id: int) -> list[EventRow]: ...
+    def events_after(self, event_id: int) -> list[Event]: ...
     def first_event_id(self) -> int: ...
     def poll(self, now: float) -> str | None: ...  # re-read; why the run is over, None while it goes on
     def writer_line(self, now: float) -> str | None: ...
@@ -192,7 +192,7 @@ class SnapshotSource:
         self.run_dir = Path(run_dir)
         self._doc = doc
         self._offset = 0
-        self._pending: list[EventRow] = []
+        self._pending: list[Event] = []
         self.log_every_s = float(doc.get("log_every_s") or 60.0)
 
     def _writer(self) -> Writer | None:
@@ -223,7 +223,7 @@ class SnapshotSource:
         events, self._offset = read_events(self.run_dir / EVENTS_FILE, self._offset)
         self._pending.extend(events)
 
-    def events_after(self, event_id: int) -> list[EventRow]:
+    def events_after(self, event_id: int) -> list[Event]:
         self._read_events()
         events = [e for e in self._pending if e.id > event_id]
         self._pending = []
@@ -265,7 +265,7 @@ class DatabaseSource:
     def status(self) -> dict[str, Any]:
         return status_data(self.store, self.store.meta().get("run_name", self.run_dir.name))
 
-    def events_after(self, event_id: int) -> list[EventRow]:
+    def events_after(self, event_id: int) -> list[Event]:
         return self.store.events(after_id=event_id)
 
     def first_event_id(self) -> int:

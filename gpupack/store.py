@@ -43,7 +43,6 @@ from .store_history import HistoryQueries
 from .store_schema import SCHEMA_VERSION as SCHEMA_VERSION
 from .store_schema import AttemptRow as AttemptRow
 from .store_schema import Event as Event
-from .store_schema import EventRow as EventRow
 from .store_schema import ExperimentRow as ExperimentRow
 from .store_schema import StoreError as StoreError
 

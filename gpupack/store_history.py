@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from .store_schema import Database, Event, EventRow, insert_event
+from .store_schema import Database, Event, insert_event
 
 # Retention (Store.compact): GPU samples older than an age are merged per GPU into buckets (the
 # mean utilization weighted by the samples merged, the peak memory), and only the latest
@@ -24,16 +24,16 @@ class HistoryQueries(Database):
         with self.transaction() as db:
             insert_event(db, Event(time.time() if now is None else now, kind, experiment, message))
 
-    def events(self, after_id: int = 0, limit: int | None = None) -> list[EventRow]:
-        query = "SELECT id, t, kind, experiment, message FROM events WHERE id > ? ORDER BY id"
+    def events(self, after_id: int = 0, limit: int | None = None) -> list[Event]:
+        query = "SELECT t, kind, experiment, message, id FROM events WHERE id > ? ORDER BY id"
         args: list[object] = [after_id]
         if limit is not None:
             query = (
-                "SELECT * FROM (SELECT id, t, kind, experiment, message FROM events WHERE id > ?"
+                "SELECT * FROM (SELECT t, kind, experiment, message, id FROM events WHERE id > ?"
                 " ORDER BY id DESC LIMIT ?) ORDER BY id"
             )
             args.append(limit)
-        return [EventRow(*r) for r in self._db.execute(query, args).fetchall()]
+        return [Event(*r) for r in self._db.execute(query, args).fetchall()]
 
     def last_event_id(self, before: float) -> int:
         """The id of the last event stamped before `before` (0 if none): where a run's own events begin."""

@@ -142,20 +142,14 @@ class AttemptRow:
 
 
 @dataclass(frozen=True)
-class EventRow:
-    id: int
-    t: float
-    kind: str
-    experiment: str | None
-    message: str
-
-
-@dataclass(frozen=True)
 class Event:
+    """A line of the run's history; `id` is its row id once stored (0 before: the engine's own)."""
+
     t: float
     kind: str
     experiment: str | None
     message: str
+    id: int = 0
 
 
 def insert_event(db: sqlite3.Connection, event: Event | None) -> None:

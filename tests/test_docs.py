@@ -28,3 +28,8 @@ def test_every_cited_section_exists() -> None:
                 missing.append(f"{path.relative_to(ROOT)}: {m[0]}")
     assert missing == []
 
+
+
+def test_nothing_cites_a_document_outside_the_repository() -> None:
+    design = "DESIGN" + ".md"  # spelt in two parts so that this file does not cite it either
+    assert [str(p.relative_to(ROOT)) for p in SOURCES if design in p.read_text()] == []

@@ -350,8 +350,8 @@ def test_reservation_lets_only_jobs_that_end_before_it_backfill() -> None:
     assert set(placed(d)) == {"short"}
     assert d.reservation is not None and d.reservation.name == "head"
     assert (d.reservation.start_s, d.reservation.gpus) == (1000, (("n0", 0), ("n0", 1)))
-    assert d.waiting["long"] == "reserved for head (starts in 17m)"
-    assert d.waiting["head"].endswith("; first in line, holds gpu0, gpu1 (free in 17m)")
+    assert d.waiting["long"] == "reserved for head (starts in 16m40s)"
+    assert d.waiting["head"].endswith("; first in line, holds gpu0, gpu1 (free in 16m40s)")
     assert d.why == {"long": policy.Wait.RESERVED, "unknown": policy.Wait.RESERVED, "head": policy.Wait.RESOURCES}
     # Without the head, the long one would have started: the reservation is what stops it.
     assert "long" in placed(decide(reqs[1:], gpus, occupants))
@@ -408,7 +408,7 @@ def test_reservation_holds_the_heads_cpus_too() -> None:
     d = decide(reqs, [gpu(0)], [occ("x", 0, cpus=6, expected_end_s=100)], cpus_per_node={"n0": 16})
     assert d.reservation is not None and d.reservation.node == "n0"
     assert set(placed(d)) == {"cpu4"}
-    assert d.waiting["cpu6"] == "reserved for head (starts in 100s)"
+    assert d.waiting["cpu6"] == "reserved for head (starts in 1m40s)"
 
 
 def test_overdue_occupant_makes_the_reservation_start_now() -> None:
@@ -504,11 +504,11 @@ def test_whole_nodes_hold_a_reservation_and_only_what_ends_before_it_backfills()
     assert d.reservation is not None
     assert (d.reservation.start_s, d.reservation.nodes) == (1000, ("a", "b"))
     assert d.reservation.gpus == (("a", 0), ("a", 1), ("b", 0), ("b", 1))
-    assert d.waiting["ddp"].endswith("; first in line, holds nodes a, b (free in 17m)")
+    assert d.waiting["ddp"].endswith("; first in line, holds nodes a, b (free in 16m40s)")
     # short backfills on a or b; tiny (4 h, 5 GB) goes on c (75 + 5 <= 80), outside the reservation;
     # long (10 GB) does not fit on c (75 + 10 > 80) and may not delay the head.
     assert placed(d)["short"][0] in ("a", "b") and placed(d)["tiny"][0] == "c"
-    assert d.waiting["long"] == "reserved for ddp (starts in 17m)"
+    assert d.waiting["long"] == "reserved for ddp (starts in 16m40s)"
 
 
 def test_whole_node_head_is_not_starved_by_a_stream_of_small_ones() -> None:
@@ -547,7 +547,7 @@ def test_time_left_refuses_what_cannot_finish_unless_resumable() -> None:
     reqs = [req("long", 0, 10, time_s=2 * H), req("ckpt", 1, 10, time_s=2 * H, resumable=True), req("unknown", 2, 10)]
     d = decide(reqs, [gpu(0)], time_left_s=H + 600)
     assert set(placed(d)) == {"ckpt", "unknown"}
-    assert d.waiting == {"long": "needs 2h, 1h10m left in the allocation"}
+    assert d.waiting == {"long": "needs 2h00m, 1h10m left in the allocation"}
     assert d.why == {"long": policy.Wait.TIME_LEFT}
     assert decide(reqs[:1], [gpu(0)], time_left_s=2 * H).placements  # exactly enough: starts
 
@@ -583,7 +583,7 @@ def test_unfit_reason(request_: Request, reason: str | None) -> None:
     assert unfit_reason(request_, inventory, headroom, {"a": 32, "b": 32}) == reason
 
 
-@pytest.mark.parametrize("module", ["policy", "policy_types", "policy_view"])
+@pytest.mark.parametrize("module", ["policy", "policy_types", "policy_view", "units"])
 def test_policy_imports_no_clock_io_or_randomness(module: str) -> None:
     tree = ast.parse((Path(policy.__file__).parent / f"{module}.py").read_text())
     imported, ours = set(), set()
@@ -591,12 +591,12 @@ def test_policy_imports_no_clock_io_or_randomness(module: str) -> None:
         if isinstance(node, ast.Import):
             imported |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level:
-            ours.add(node.module or "")  # the policy's own parts, nothing else of gpupack
+            ours.add(node.module or "")  # the policy's own parts and units, nothing else of gpupack
         elif isinstance(node, ast.ImportFrom):
             imported.add((node.module or "").split(".")[0])
     assert not imported & {"time", "os", "subprocess", "logging", "random", "datetime", "gpupack"}
-    assert imported <= {"__future__", "typing", "dataclasses", "enum", "collections", "math", "itertools", "heapq"}
-    assert ours <= {"policy_types", "policy_view"}
+    assert imported <= {"__future__", "typing", "dataclasses", "enum", "collections", "math", "itertools", "heapq", "re", "decimal"}
+    assert ours <= {"policy_types", "policy_view", "units"}  # units: pure formatting and parsing
 
 
 _mem = st.one_of(st.none(), st.integers(1, 80))
