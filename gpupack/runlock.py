@@ -9,8 +9,9 @@ manager (ENOLCK, EOPNOTSUPP). There the lock is <run>/lock.owner, created with O
 NFSv3+ and Lustre) and holding {"host", "pid", "job_id", "heartbeat"}; a thread renews the
 heartbeat every LOCK_BEAT_S by rename. Another scheduler takes it over only when the heartbeat is
 older than LOCK_STALE_S and, when the holder is on its own host, its pid is gone; the take-over
-renames the stale file to a name of its own first, so of two schedulers that both judged it
-stale only one gets it. Two schedulers on two hosts never both run.
+compares and removes the stale file under a mutex of its own (lock.owner.takeover, O_EXCL too),
+so a scheduler that judged it stale late never removes the fresh lock of a faster one, and of
+all that race only one creates the new lock. Two schedulers on two hosts never both run.
 """
 
 from __future__ import annotations
@@ -135,22 +136,21 @@ def _create(path: Path, owner: dict[str, Any]) -> bool:
     return True
 
 
-def _take_over(path: Path, judged: dict[str, Any]) -> None:
-    """Move the stale file aside under a name of our own; if what moved is not the file we judged
-    stale (its owner came back, or another scheduler took it first), put it back."""
-    aside = path.with_name(f"{path.name}.stale.{socket.gethostname()}.{os.getpid()}")
+def _take_over(path: Path, judged: dict[str, Any], now: float) -> None:
+    """Remove the owner file judged stale, under the take-over mutex (lock.owner.takeover, O_EXCL):
+    only one scheduler at a time compares and removes, and only the very file judged stale, so a
+    fresh lock written by a faster taker is never removed. The caller then races on O_EXCL."""
+    mutex = path.with_name(f"{path.name}.takeover")
+    if not _create(mutex, _owner(None, now)):
+        if now - _mtime(mutex, now) > LOCK_STALE_S:  # a taker that died half-way: clear it
+            mutex.unlink(missing_ok=True)
+        return  # another scheduler is taking over: it wins or leaves the lock as it was
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return  # someone else moved it: race them on O_EXCL
-    if _read(aside) == judged or (judged.get("unreadable") and _read(aside) is None):
-        aside.unlink(missing_ok=True)
-        return
-    try:
-        os.link(aside, path)  # fails if yet another scheduler created one meanwhile: theirs stands
-    except FileExistsError:
-        pass
-    aside.unlink(missing_ok=True)
+        current = _read(path)
+        if current == judged or (judged.get("unreadable") and current is None):
+            path.unlink(missing_ok=True)
+    finally:
+        mutex.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -164,7 +164,7 @@ def _owner_file(run_dir: Path, job_id: str | None, now: float) -> Iterator[None]
                 current = {"heartbeat": _mtime(path, now), "pid": 0, "host": "", "unreadable": True}
             if not _stale(current, now):
                 raise _busy(run_dir, _describe(current))
-            _take_over(path, current)
+            _take_over(path, current, now)
             if not _create(path, owner):
                 raise _busy(run_dir, _describe(_read(path) or {}))
     except OSError as exc:

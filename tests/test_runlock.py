@@ -94,6 +94,34 @@ def test_a_stale_owner_is_taken_over_only_when_it_is_really_gone(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]  # nothing left aside
 
 
+def test_a_late_take_over_never_removes_the_fresh_lock_of_a_faster_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three schedulers judged the same lock stale: A took it over first; B takes over late, and C
+    tries to create the lock at the worst moment, while B reads. A's lock must stand, alone."""
+    path = tmp_path / "lock.owner"
+    _owner(tmp_path, "compute-1", 1, age_s=runlock.LOCK_STALE_S + 5)
+    judged = json.loads(path.read_text())
+    a = {"host": "compute-2", "pid": 2, "job_id": "2", "heartbeat": time.time()}
+    path.unlink()
+    assert runlock._create(path, a)  # A, done taking over
+    c = {"host": "compute-3", "pid": 3, "job_id": "3", "heartbeat": time.time()}
+    created_by_c = []
+    real_read = runlock._read
+
+    def read_while_c_creates(p: Path) -> dict | None:
+        created_by_c.append(runlock._create(path, c))
+        return real_read(p)
+
+    monkeypatch.setattr(runlock, "_read", read_while_c_creates)
+    runlock._take_over(path, judged, time.time())  # B, late
+    monkeypatch.setattr(runlock, "_read", real_read)
+    b = {"host": "compute-4", "pid": 4, "job_id": "4", "heartbeat": time.time()}
+    assert not runlock._create(path, b)
+    assert created_by_c == [False] and json.loads(path.read_text()) == a
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lock.owner"]
+
+
 def test_an_empty_owner_file_waits_for_its_age(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runlock.fcntl, "flock", _no_flock())
     owner = tmp_path / "lock.owner"
