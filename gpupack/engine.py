@@ -342,17 +342,22 @@ class Engine:
         now = {f"{g.node}:{g.index}": g.unavailable for g in reading.gpus if g.unavailable}
         if now == self._unavailable:
             return
+        # One line per node and reason: a lost node is one event, not one per GPU.
+        went: dict[tuple[str, str], list[GpuKey]] = {}
         for key, why in now.items():
             if self._unavailable.get(key) != why:
-                self._event("warn", None, f"{self._gpu_label(key)} unavailable: {why}; no new experiments there")
-        for key in self._unavailable.keys() - now.keys():
-            self._event("info", None, f"{self._gpu_label(key)} available again")
+                node, index = key.rsplit(":", 1)
+                went.setdefault((node, why), []).append((node, int(index)))
+        for (_, why), keys in went.items():
+            self._event("warn", None, f"{self._where(tuple(keys))} unavailable: {why}; no new experiments there")
+        back: dict[str, list[GpuKey]] = {}
+        for key in sorted(self._unavailable.keys() - now.keys()):
+            node, index = key.rsplit(":", 1)
+            back.setdefault(node, []).append((node, int(index)))
+        for keys in back.values():
+            self._event("info", None, f"{self._where(tuple(keys))} available again")
         self._unavailable = now
         self.store.set_meta({UNAVAILABLE_META: json.dumps(now, sort_keys=True)})
-
-    def _gpu_label(self, key: str) -> str:
-        node, index = key.rsplit(":", 1)
-        return f"gpu{index}" if len({g.node for g in self.inventory}) <= 1 else f"{node}:gpu{index}"
 
     # --- launch and reap ------------------------------------------------------------------
 
