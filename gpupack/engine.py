@@ -85,6 +85,7 @@ class Engine:
         self._index = {e.name: i for i, e in enumerate(self.manifest.experiments)}
         self.states: dict[str, str] = {}
         self.running: dict[str, Running] = {}
+        self._launched: list[str] = []  # launched this tick: their leaders' start times are noted next tick
         self.failures: dict[str, int] = {}  # failed attempts in this run (retries are per run)
         self.oom_retries: dict[str, int] = {}
         self.mem_override: dict[str, int] = {}  # budgets raised after a CUDA OOM
@@ -134,7 +135,8 @@ class Engine:
                 for name in changed:
                     self._event("changed", name, f"{name} changed (cmd, env or workdir): it runs again")
         runs_here = getattr(self.launcher, "runs_here", lambda node: True)
-        for found in recovery.recover(self.store, self.by_name, now, self.manifest.run_dir, runs_here):
+        command_is_child = getattr(self.launcher, "command_is_child", True)
+        for found in recovery.recover(self.store, self.by_name, now, self.manifest.run_dir, runs_here, command_is_child):
             self._event(found.kind, found.name, found.message)
             exp = self.by_name.get(found.name)
             if found.handle is not None and exp is not None:
@@ -195,6 +197,7 @@ class Engine:
         while True:
             now = self.clock()
             self._reap(now)
+            self._note_leader_starts()
             # Read after reaping so the memory of what just ended is not counted as used.
             track = getattr(self.probe, "track", None)  # NVML: whose processes are whose
             if track is not None:
@@ -339,17 +342,22 @@ class Engine:
         now = {f"{g.node}:{g.index}": g.unavailable for g in reading.gpus if g.unavailable}
         if now == self._unavailable:
             return
+        # One line per node and reason: a lost node is one event, not one per GPU.
+        went: dict[tuple[str, str], list[GpuKey]] = {}
         for key, why in now.items():
             if self._unavailable.get(key) != why:
-                self._event("warn", None, f"{self._gpu_label(key)} unavailable: {why}; no new experiments there")
-        for key in self._unavailable.keys() - now.keys():
-            self._event("info", None, f"{self._gpu_label(key)} available again")
+                node, index = key.rsplit(":", 1)
+                went.setdefault((node, why), []).append((node, int(index)))
+        for (_, why), keys in went.items():
+            self._event("warn", None, f"{self._where(tuple(keys))} unavailable: {why}; no new experiments there")
+        back: dict[str, list[GpuKey]] = {}
+        for key in sorted(self._unavailable.keys() - now.keys()):
+            node, index = key.rsplit(":", 1)
+            back.setdefault(node, []).append((node, int(index)))
+        for keys in back.values():
+            self._event("info", None, f"{self._where(tuple(keys))} available again")
         self._unavailable = now
         self.store.set_meta({UNAVAILABLE_META: json.dumps(now, sort_keys=True)})
-
-    def _gpu_label(self, key: str) -> str:
-        node, index = key.rsplit(":", 1)
-        return f"gpu{index}" if len({g.node for g in self.inventory}) <= 1 else f"{node}:gpu{index}"
 
     # --- launch and reap ------------------------------------------------------------------
 
@@ -392,10 +400,22 @@ class Engine:
         started = f"{exp.name} started on {self._where(keys)} (attempt {number}{extra})"
         self.store.attempt_launched(attempt_id, handle.pgid, Event(now, "start", exp.name, started), handle.leader_start)
         self.states[exp.name] = RUNNING
+        self._launched.append(exp.name)
         self.running[exp.name] = Running(
             exp, handle, attempt_id, number, keys, budget, now, preempt_signal(env), resumed_s,
             node=placement.node, master_port=port,
         )
+
+    def _note_leader_starts(self) -> None:
+        """The start times of the groups launched last tick that still run (launch.Handle.note_leader_start)."""
+        starts = {}
+        for name in self._launched:
+            r = self.running.get(name)
+            start = r.handle.note_leader_start() if r is not None else None
+            if r is not None and start is not None:
+                starts[r.attempt_id] = start
+        self._launched.clear()
+        self.store.set_leader_starts(starts)
 
     def _reap(self, now: float) -> None:
         done = []

@@ -32,12 +32,11 @@ import json
 import math
 import os
 import signal
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_path as atomic_path  # re-exported for experiments
 from .signals import DEFAULT_PREEMPT_SIGNAL as DEFAULT_PREEMPT_SIGNAL  # re-exported for experiments
 from .signals import preempt_signal as _preempt_signal_of
 
@@ -112,43 +111,6 @@ def preempt_signal() -> signal.Signals | None:
     reports a signal death: neither a success nor an ordinary crash.
     """
     return _received
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it over `path`.
-
-    On an exception the temporary file is removed and `path` is left as it was.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; best effort, since some filesystems refuse O_RDONLY
-    # fsync on directories and the data is already safe in the renamed file.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_results(results: Mapping[str, Any], path: str | Path | None = None) -> Path:

@@ -10,11 +10,14 @@ command's exit status in `.attempt-<n>.exit`, so a scheduler that was dead when 
 finished still learns the real outcome.
 
 The preempt signal goes to the command alone, never to the group: a trainer's DataLoader workers
-or ranks have no handler for it and would die before the trainer checkpoints. The command is
-started by `sh -c 'echo $$ > .attempt-<n>.cmd; exec bash -c CMD'`, locally or inside the job
-step, so its pid is known wherever it runs; gpupack signals that pid when the command runs on
-this machine (checked by its start-up identity in /proc), and otherwise signals the local srun
-client, which has Slurm deliver it to the step's task (with proctrack/cgroup, the task alone).
+or ranks have no handler for it and would die before the trainer checkpoints. Locally the command
+(`bash -c CMD`, which execs a simple CMD) is the wrapper's one child, so gpupack finds its pid in
+/proc when it has a signal to send, and launching costs no process more than the command itself.
+Inside a job step slurmstepd starts it, so there it is started by `sh -c 'echo $$ >
+.attempt-<n>.cmd; exec bash -c CMD'`, which records its pid. gpupack signals that pid when the
+command runs on this machine (checked by its start-up identity in /proc), and otherwise signals
+the local srun client, which has Slurm deliver it to the step's task (with proctrack/cgroup, the
+task alone).
 
 A multi-node experiment (LaunchSpec.nodes) is one attempt too. Locally (simulated nodes) its K
 ranks run inside the one wrapper and process group, under ranks.py in the command's place (it
@@ -42,12 +45,9 @@ from .procs import Identity
 # signal so that it can record the command's status; `:` traps are not inherited by the command.
 # The status is written in place (no temporary file and `mv`, one process fewer per attempt):
 # it is read only once the wrapper is gone, when the write is either whole or never happened.
-_WRAPPER = (
-    'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; echo $$ > "${exit_file%.exit}.pid"; "$@"; rc=$?; '
-    'printf "%s\\n" "$rc" > "$exit_file"; exit "$rc"'
-)
-# $0 = the command's pid file, the rest = `bash -c CMD`: the pid recorded is the command's own,
-# since exec keeps it (and bash execs a simple CMD in turn).
+_WRAPPER = 'trap : USR1 USR2 TERM INT HUP; exit_file=$1; shift; "$@"; rc=$?; printf "%s\\n" "$rc" > "$exit_file"; exit "$rc"'
+# Inside a job step: $0 = the command's pid file, the rest = `bash -c CMD`: the pid recorded is
+# the command's own, since exec keeps it (and bash execs a simple CMD in turn).
 _COMMAND = 'echo $$ > "$0"; exec "$@"'
 
 
@@ -85,6 +85,9 @@ class Handle:
     leader_start: int | None = None
     identity: Identity | None = None  # the attempt's GPUPACK_* identity, to recognise its command
     local: bool = True  # the command runs on this machine (its pid means something here)
+    # The command is the wrapper's one child (LocalLauncher), rather than a job step's task that
+    # records its pid in the .cmd file.
+    command_is_child: bool = False
 
     def poll(self) -> tuple[bool, int | None]:
         """(ended, exit code). An adopted group that vanished without an exit file has ended
@@ -106,6 +109,13 @@ class Handle:
         if self.group_is_ours():
             return False, None
         return True, read_int_file(self.exit_file)
+
+    def note_leader_start(self) -> int | None:
+        """The group leader's start time, read once the launch is over (LocalLauncher.launch); kept
+        in the store for a scheduler that adopts the attempt after a restart."""
+        if self.leader_start is None and self.popen is not None:
+            self.leader_start = procs.start_time(self.pgid)  # unreaped: the pid is still this one
+        return self.leader_start
 
     @property
     def adopted(self) -> bool:
@@ -136,9 +146,9 @@ class Handle:
         """Send the preempt signal to the command (never to its children); False when it cannot
         be delivered yet (the command has not recorded its pid): call again."""
         if self.local:
-            pid = read_int_file(cmd_file_for(self.log_path))
-            if pid is None:
-                return not self.group_is_ours()  # nothing runs any more: nothing to tell
+            pid = self._command_pid()
+            if pid is None:  # not started yet (call again), or nothing runs any more: nothing to tell
+                return not self.group_is_ours()
             if self.identity is not None and procs.identity(pid) != self.identity:
                 return True  # the command has exited (its pid may already be someone else's)
             for target in procs.command_targets(pid):
@@ -151,6 +161,14 @@ class Handle:
         for client in clients:
             _kill(client, sig)
         return bool(clients) or not group_alive(self.pgid)
+
+    def _command_pid(self) -> int | None:
+        """The command's pid as a job step's command recorded it, else the wrapper's one child."""
+        pid = read_int_file(cmd_file_for(self.log_path))
+        if pid is not None or not self.command_is_child or not self.group_is_ours():
+            return pid
+        kids = procs.children(self.pgid)
+        return kids[0] if len(kids) == 1 else None  # none: not forked yet, or the command has ended
 
     def kill(self) -> None:
         """SIGKILL to the whole group, unless it is no longer this attempt's."""
@@ -197,16 +215,12 @@ def read_int_file(path: Path) -> int | None:
 
 
 def exit_file_for(log_path: Path) -> Path:
-    """exp/<name>/attempt-3.log -> exp/<name>/.attempt-3.exit (beside it: .attempt-3.pid)."""
+    """exp/<name>/attempt-3.log -> exp/<name>/.attempt-3.exit (a job step's: also .attempt-3.cmd)."""
     return log_path.with_name(f".{log_path.stem}.exit")
 
 
-def pid_file_for(log_path: Path) -> Path:
-    return log_path.with_name(f".{log_path.stem}.pid")
-
-
 def cmd_file_for(log_path: Path) -> Path:
-    """The command's own pid (the wrapper's child, or the step's task), as the command wrote it."""
+    """The pid of a job step's command (its task), as the command wrote it (command_argv)."""
     return log_path.with_name(f".{log_path.stem}.cmd")
 
 
@@ -224,6 +238,7 @@ class LocalLauncher:
     """Each attempt is `bash -c CMD` in a new session on this machine."""
 
     kind = "local"
+    command_is_child = True  # see Handle.command_is_child
 
     def runs_here(self, node: str) -> bool:
         return True
@@ -245,9 +260,10 @@ class LocalLauncher:
         pass
 
     def argv(self, spec: LaunchSpec) -> list[str]:
+        """The command, which the wrapper starts as its one child."""
         if spec.nodes:  # simulated nodes: the K ranks side by side on this machine (ranks.py)
-            return command_argv(spec, [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes])
-        return command_argv(spec)
+            return [sys.executable, "-I", ranks.__file__, spec.cmd, *spec.nodes]
+        return ["bash", "-c", spec.cmd]
 
     def environment(self, spec: LaunchSpec) -> dict[str, str]:
         env = dict(spec.env)
@@ -256,10 +272,11 @@ class LocalLauncher:
         return env
 
     def launch(self, spec: LaunchSpec) -> Handle:
+        """Start the attempt. The leader's start time is left for Handle.note_leader_start: read now,
+        while the wrapper is still being exec'd, /proc would stall the loop for as long."""
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         exit_file = exit_file_for(spec.log_path)
         exit_file.unlink(missing_ok=True)
-        pid_file_for(spec.log_path).unlink(missing_ok=True)
         cmd_file_for(spec.log_path).unlink(missing_ok=True)
         log = open(spec.log_path, "ab", buffering=0)
         try:
@@ -276,16 +293,15 @@ class LocalLauncher:
             )
         finally:
             log.close()
-        # Our unreaped child: its pid (and so its start time) cannot change under us.
         return Handle(
-            spec.name, popen.pid, exit_file, spec.log_path, popen, leader_start=procs.start_time(popen.pid),
-            identity=Identity.of_env(spec.env), local=self.command_here(spec),
+            spec.name, popen.pid, exit_file, spec.log_path, popen, identity=Identity.of_env(spec.env),
+            local=self.command_here(spec), command_is_child=self.command_is_child,
         )
 
 
-def command_argv(spec: LaunchSpec, inner: Sequence[str] = ()) -> list[str]:
-    """`bash -c CMD` (or `inner`), behind the few bytes of sh that record the command's pid (_COMMAND)."""
-    return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), *(inner or ("bash", "-c", spec.cmd))]
+def command_argv(spec: LaunchSpec) -> list[str]:
+    """A job step's `bash -c CMD`, behind the few bytes of sh that record the command's pid (_COMMAND)."""
+    return ["/bin/sh", "-c", _COMMAND, str(cmd_file_for(spec.log_path)), "bash", "-c", spec.cmd]
 
 
 def _write_header(log: IO[bytes], spec: LaunchSpec) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import sqlite3
 import tempfile
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .dashboard import GpuView, Occupant, PhaseView, View, build_view
+from .files import write_atomic
 from .status import status_data
 from .store import Event, Store, StoreError
 
@@ -63,25 +63,6 @@ def heartbeat_interval(poll_s: float) -> float:
 def gone_after_s(interval_s: float) -> float:
     """The documented limit (README "The run directory"): a heartbeat older than this is a dead writer."""
     return max(GONE_MIN_S, GONE_AFTER_INTERVALS * interval_s)
-
-
-def write_atomic(path: Path, data: bytes | Path) -> None:
-    """`data` (bytes, or a file's content) into a temporary file in the same directory, fsync,
-    rename: a reader on any host sees the old file or the new one, never a part."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if isinstance(data, Path):
-                with open(data, "rb") as src:
-                    shutil.copyfileobj(src, f, 1 << 20)
-            else:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_database(store: Store, dest: Path, scratch_dir: Path) -> None:

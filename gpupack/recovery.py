@@ -51,7 +51,9 @@ class Recovered:
     handle: Handle | None = None  # set when the attempt is still running and was adopted
 
 
-def _find_running(attempt: AttemptRow, ident: Identity, leader_start: int | None, local: bool) -> Handle | None:
+def _find_running(
+    attempt: AttemptRow, ident: Identity, leader_start: int | None, local: bool, command_is_child: bool
+) -> Handle | None:
     """The attempt's live process group as a Handle, or None; never a group that merely reuses
     its number (see launch.Handle.group_is_ours)."""
     log_path = Path(attempt.log_path)
@@ -66,14 +68,14 @@ def _find_running(attempt: AttemptRow, ident: Identity, leader_start: int | None
             return None
         leader_start = procs.start_time(pgid)  # None: its leader is gone, members keep the number
     elif leader_start is None:
-        # Recorded by a gpupack that kept no start time: the group is the attempt's only if one
-        # of its processes carries the attempt's identity.
+        # No start time recorded (an older gpupack, or the scheduler died within a tick of the
+        # launch): the group is the attempt's only if one of its processes carries its identity.
         if not any(procs.pgid_of(pid) == pgid for pid in procs.find(ident)):
             return None
         leader_start = procs.start_time(pgid)
     handle = Handle(
         attempt.experiment, pgid, exit_file, log_path, None, attempt.started_at,
-        leader_start=leader_start, identity=ident, local=local,
+        leader_start=leader_start, identity=ident, local=local, command_is_child=command_is_child,
     )
     return handle if handle.group_is_ours() else None
 
@@ -84,9 +86,11 @@ def recover(
     now: float,
     run_dir: Path | None = None,
     runs_here: Callable[[str], bool] = lambda node: True,
+    command_is_child: bool = True,
 ) -> list[Recovered]:
     """`run_dir` as experiments see it in GPUPACK_RUN_DIR (default: the store's directory);
-    `runs_here(node)`: whether a command placed on `node` runs on this machine."""
+    `runs_here(node)`: whether a command placed on `node` runs on this machine;
+    `command_is_child`: the launcher's (launch.Handle.command_is_child)."""
     found: list[Recovered] = []
     here = socket.gethostname()
     hosts = {r["id"]: str(r["host"]) for r in store.runs()}  # the scheduler's host of every run
@@ -101,7 +105,9 @@ def recover(
         log_path = Path(attempt.log_path)
         exit_file = exit_file_for(log_path)
         ident = Identity(run_dir_text, attempt.experiment, str(attempt.number))
-        handle = None if elsewhere is not None else _find_running(attempt, ident, starts.get(attempt.id), runs_here(attempt.node))
+        handle = None if elsewhere is not None else _find_running(
+            attempt, ident, starts.get(attempt.id), runs_here(attempt.node), command_is_child
+        )
         if handle is not None:
             found.append(
                 Recovered("info", attempt.experiment, f"{attempt.experiment} is still running (pgid {handle.pgid}): adopted", attempt, handle)

@@ -258,7 +258,7 @@ def write_report(run_dir: Path, png: bool = True, out_dir: Path | None = None, s
 
         with closing(open_database(run_dir)) as own:
             return write_report(run_dir, png, out_dir, own)
-    from .publish import write_atomic  # whole files only: a reader never sees half a report
+    from .files import write_atomic  # whole files only: a reader never sees half a report
 
     facts = load_facts(store)
     summary = summarize(facts)

@@ -5,6 +5,7 @@ the engine these and the time left. The caller bounds requeues with `Allocation.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,28 @@ def requeue(job_id: str, *, run: Runner = run_command) -> bool:
     except SlurmError:  # disabled (SlurmFailed) or no answer: either way the job is not requeued
         return False
     return True
+
+
+def cancelled(job_id: str, *, run: Runner = run_command) -> bool:
+    """The job is being cancelled by `scancel` (the user or an admin), which gpupack must not undo
+    by requeueing it. While its processes get SIGTERM Slurm shows such a job COMPLETING (then
+    CANCELLED) with no reason, and the batch step's stderr ends with slurmstepd's "*** JOB J ON
+    NODE CANCELLED AT TIME ***"; a time limit or a preemption appends "DUE TO ..." to that line
+    (and a time limit also sets Reason=TimeLimit), and the allocation's warning signal leaves the
+    job RUNNING. Whatever cannot be read counts as not cancelled: requeueing is the safe side."""
+    info = show_job(job_id, run=run) or {}
+    if info.get("JobState") not in ("COMPLETING", "CANCELLED") or info.get("Reason", "None") != "None":
+        return False
+    stderr = info.get("StdErr", "").strip()
+    try:
+        with open(stderr, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 65536))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return False
+    lines = [line for line in tail.splitlines() if f"*** JOB {job_id} ON " in line and " CANCELLED AT " in line]
+    return bool(lines) and " DUE TO " not in lines[-1]
 
 
 def resubmit(
@@ -82,6 +105,8 @@ def engine_hooks(
         done = allocation.restart_count
         if done >= max_requeues:
             return f"not requeued: job {job} has been requeued {done} times (--max-requeues {max_requeues})"
+        if cancelled(job, run=run):
+            return f"not requeued: job {job} was cancelled (scancel); submit it again to resume"
         if requeue(job, run=run):
             return f"requeued job {job} (run {done + 2})"
         script = job_script(job, args, run=run)

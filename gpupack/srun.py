@@ -23,6 +23,7 @@ class SrunLauncher(LocalLauncher):
     disabled" (it retries by itself) no new step is started, so slurmctld never sees a storm."""
 
     kind = "srun"
+    command_is_child = False  # the wrapper's child is the srun client; the step records the command's pid
     WATCH_S = 30.0  # srun says it waits within a second of starting; stop looking after this
 
     def __init__(

@@ -41,14 +41,21 @@ class AttemptQueries(Database):
     def attempt_launched(
         self, attempt_id: int, pgid: int, event: Event | None = None, leader_start: int | None = None
     ) -> None:
-        """The attempt's process group, with its leader's start time (procs.start_time): a pgid
-        alone names another group once this one is gone and the number is reused."""
+        """The attempt's process group, with its leader's start time (procs.start_time) where it is
+        known already (else set_leader_starts, a tick later): a pgid alone names another group
+        once this one is gone and the number is reused."""
         with self.transaction() as db:
             db.execute(
                 "UPDATE attempts SET state = ?, pgid = ?, leader_start = ? WHERE id = ?",
                 (A_RUNNING, pgid, leader_start, attempt_id),
             )
             insert_event(db, event)
+
+    def set_leader_starts(self, starts: Mapping[int, int]) -> None:
+        """attempt id -> its group leader's start time, for attempts launched without it."""
+        if starts:
+            with self.transaction() as db:
+                db.executemany("UPDATE attempts SET leader_start = ? WHERE id = ?", [(t, i) for i, t in starts.items()])
 
     def leader_starts(self, attempt_ids: Sequence[int]) -> dict[int, int | None]:
         """attempt id -> its group leader's recorded start time (writers only: schema 2)."""

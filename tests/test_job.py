@@ -108,6 +108,20 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_whole_file_writes_get_the_mode_of_a_plain_open_not_0600(tmp_path: Path, umask: int) -> None:
+    """Results, checkpoints, reports and status.json are read by the user's group on a shared run
+    directory: the umask decides, as for any file the user writes."""
+    code = (
+        f"import os; os.umask({umask}); from pathlib import Path; from gpupack import job, files; "
+        f"job.write_results({{'a': 1}}, Path({str(tmp_path)!r}) / 'results.json'); "
+        f"files.write_atomic(Path({str(tmp_path)!r}) / 'status.json', b'{{}}')"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for name in ("results.json", "status.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
     path = tmp_path / "ckpt" / "checkpoint.pt"

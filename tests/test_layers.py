@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "estimates", "outcome", "hooks", "store", "store_schema", "store_experiments", "store_attempts",
         "store_history", "states", "jsonout",
     }),
-    ("base", {"policy", "policy_view", "policy_types", "units", "signals", "exits"}),
+    ("base", {"policy", "policy_view", "policy_types", "units", "signals", "exits", "files"}),
 ]
 
 

@@ -166,3 +166,34 @@ def test_run_refuses_whole_nodes_the_allocation_cannot_give_in_one_line_each(wri
         f"gpupack: error: {m}: three: nodes: needs 3 whole nodes of 4 GPUs; the allocation has 2",
         f"gpupack: error: {m}: halves: gpus: nodes: 2 takes whole nodes: gpus must be 4, the GPUs of a node (or left out)",
     ]
+
+
+def test_a_lost_node_is_one_event_and_so_is_its_return(tmp_path):
+    from dataclasses import replace
+
+    from gpupack.engine import Engine, RunOptions
+    from gpupack.gpus import SimulatedProbe, parse_gpu_spec
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    manifest = load_text("name: lost\nphases: [{name: p, experiments: [{name: e, cmd: 'true'}]}]\n", tmp_path / "m.yaml")
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    probe = SimulatedProbe(parse_gpu_spec("2x4x80GB", "node"))
+    engine = Engine(manifest, store, probe, LocalLauncher(), probe.inventory(), RunOptions())
+    engine.prepare()
+    reading = probe.read({})
+    why = "left the allocation (test)"
+    lost = replace(reading, gpus=tuple(replace(g, unavailable=why) if g.node == "n2" else g for g in reading.gpus))
+    flaky = replace(reading, gpus=tuple(replace(g, unavailable="readings failing") if g.key == ("n1", 1) else g for g in reading.gpus))
+    for r in (lost, reading, flaky):
+        engine._note_unavailable(r)
+    said = [e.message for e in store.events() if "available" in e.message]
+    assert said == [
+        f"n2:gpu0,gpu1,gpu2,gpu3 unavailable: {why}; no new experiments there",
+        "n2:gpu0,gpu1,gpu2,gpu3 available again",
+        "n1:gpu1 unavailable: readings failing; no new experiments there",
+    ]
+    engine.close(0)
+    store.close()

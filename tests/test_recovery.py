@@ -4,6 +4,7 @@ start time, and an attempt whose pgid was never recorded is found by its identit
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import alive, wait_for
+from conftest import alive, gpupack_env, start_gpupack, wait_for
 from gpupack import procs, recovery
 from gpupack.launch import Handle
 from gpupack.manifest import load_text
@@ -110,3 +111,28 @@ def test_an_old_run_directory_without_start_times_still_needs_the_identity(run, 
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_launched_group_has_its_start_time_stored_and_its_command_is_the_wrapper_child(write_manifest, tmp_path: Path) -> None:
+    """launch.py: the leader's start time is read once the launch is over and stored a tick later;
+    the command runs as the wrapper's one child, with no pid file."""
+    path = write_manifest(MANIFEST.replace("sleep 60", "touch {out}/started; sleep 60"))
+    proc = start_gpupack("run", str(path), "--poll", "0.2", env=gpupack_env(GPUPACK_GPUS="1x80GB"))
+    run_dir = tmp_path / "runs" / "r"
+    try:
+        wait_for((run_dir / "exp" / "train" / "started").exists, what="the experiment to start")
+        db = sqlite3.connect(f"file:{run_dir / 'state.db'}?mode=ro", uri=True)
+
+        def stored() -> tuple[int, int | None]:
+            return db.execute("SELECT pgid, leader_start FROM attempts WHERE experiment = 'train'").fetchone()
+
+        wait_for(lambda: stored()[1] is not None, what="the start time in the store")
+        pgid, leader_start = stored()
+        assert leader_start == procs.start_time(pgid)
+        [command] = procs.children(pgid)
+        assert procs.identity(command) == procs.Identity(str(run_dir), "train", "1")
+        assert procs.cmdline(command)[:1] == ["sleep"]  # bash exec'd the last command: the pid is its
+        assert not list((run_dir / "exp" / "train").glob(".attempt-1.cmd"))
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)

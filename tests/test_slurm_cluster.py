@@ -229,10 +229,10 @@ phases:
 """
 
 
-def preempt_run(jobs: Jobs, tmp_path: Path, sbatch_args: tuple[str, ...]) -> tuple[str, Path, Path]:
+def preempt_run(jobs: Jobs, tmp_path: Path, sbatch_args: tuple[str, ...], grace: str = "20") -> tuple[str, Path, Path]:
     manifest = tmp_path / "m.yaml"
     manifest.write_text(PREEMPT.format(record=RECORD))
-    job = submit_gpupack(jobs, tmp_path, manifest, "--grace", "20", sbatch_args=sbatch_args)
+    job = submit_gpupack(jobs, tmp_path, manifest, "--grace", grace, sbatch_args=sbatch_args)
     return job, tmp_path / "runs" / "preempt", tmp_path / f"gpupack-{job}.out"
 
 
@@ -276,6 +276,18 @@ def test_real_time_limit_signal_requeues_before_the_limit(jobs: Jobs, tmp_path: 
     wait_for_file(run_dir / "exp" / "long" / "started-2", 120)
     assert_resumed_after_requeue(jobs, job, run_dir, log)
     assert "allocation ending (USR1)" in log.read_text()
+
+
+def test_scancel_stops_the_run_for_good_it_does_not_requeue_itself(jobs: Jobs, tmp_path: Path) -> None:
+    # --grace 1: the run reaches its end-of-allocation decision within the cluster's KillWait (5 s).
+    job, run_dir, log = preempt_run(jobs, tmp_path, (), grace="1")
+    wait_for_file(run_dir / "exp" / "long" / "started-1", 60)
+    subprocess.run(["scancel", job], env=jobs.env, check=True)
+    info = jobs.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 60)
+    text = log.read_text()
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), text
+    assert f"not requeued: job {job} was cancelled (scancel)" in text
+    assert gpupack_status(jobs.env, run_dir)["long"]["state"] == "interrupted"  # a new submission resumes it
 
 
 TRAINERS = """\

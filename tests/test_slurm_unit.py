@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -358,7 +359,7 @@ def allocation(restarts: int) -> Allocation:
 
 
 def test_engine_hooks_requeue_until_the_bound() -> None:
-    fake = FakeSlurm({("scontrol", "requeue", "12"): "", ("squeue",): "10:00\n"})
+    fake = FakeSlurm({("scontrol", "requeue", "12"): "", ("squeue",): "10:00\n", ("scontrol", "show", "job"): show_job()})
     hooks = slurm_requeue.engine_hooks(allocation(1), max_requeues=2, run_args=["m.yaml"], run=fake)
     assert hooks.requeue() == "requeued job 12 (run 3)"
     assert hooks.time_left(50.0) == 600.0
@@ -367,6 +368,35 @@ def test_engine_hooks_requeue_until_the_bound() -> None:
     hooks = slurm_requeue.engine_hooks(allocation(2), max_requeues=2, run_args=["m.yaml"], run=fake)
     assert "requeued 2 times (--max-requeues 2)" in (hooks.requeue() or "")
     assert fake.calls == []
+
+
+CANCEL_LINE = "slurmstepd-n1: error: *** JOB 12 ON n1 CANCELLED AT 2026-12-03T10:18:40{why} ***\n"
+
+
+@pytest.mark.parametrize(
+    ("state", "reason", "line", "expected"),
+    [
+        ("COMPLETING", "None", CANCEL_LINE.format(why=""), True),  # scancel, verbatim from the test cluster
+        ("CANCELLED", "None", CANCEL_LINE.format(why=""), True),
+        ("COMPLETING", "TimeLimit", CANCEL_LINE.format(why=" DUE TO TIME LIMIT"), False),
+        ("COMPLETING", "None", CANCEL_LINE.format(why=" DUE TO PREEMPTION"), False),
+        ("RUNNING", "None", "", False),  # the allocation's warning signal
+        ("COMPLETING", "None", "", False),  # no line to tell why: requeue
+        ("COMPLETING", "None", None, False),  # the log cannot be read: requeue
+    ],
+)
+def test_a_cancelled_job_is_told_from_a_time_limit_and_a_preemption(
+    tmp_path: Path, state: str, reason: str, line: str | None, expected: bool
+) -> None:
+    log = tmp_path / "gpupack-12.out"
+    if line is not None:
+        log.write_text("12:00:01 info      run started\n" + line + "12:00:02 stop      stopping: terminated (TERM)\n")
+    info = show_job().replace("JobState=RUNNING Reason=None", f"JobState={state} Reason={reason}")
+    info += f"   StdErr={log}\n"
+    fake = FakeSlurm({("scontrol", "show", "job", "12"): info, ("scontrol", "requeue", "12"): ""})
+    assert slurm_requeue.cancelled("12", run=fake) is expected
+    said = slurm_requeue.engine_hooks(allocation(0), max_requeues=5, run_args=["m.yaml"], run=fake).requeue()
+    assert said == ("not requeued: job 12 was cancelled (scancel); submit it again to resume" if expected else "requeued job 12 (run 2)")
 
 
 def test_engine_hooks_resubmit_where_requeue_is_disabled() -> None:
