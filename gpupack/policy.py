@@ -9,15 +9,21 @@ Rules (README "How it places experiments"):
   behind a barrier. A phase with barrier=True opens only when every experiment of all earlier
   phases has ended (SUCCEEDED, FAILED or SKIPPED); like `wait` in a batch script, the barrier
   also holds every later phase, so barrier=False after it does not jump the line.
-- Priority: phase order, then critical-path length (own time + the longest chain of not-ended
-  dependants' times; unknown time counts 0), then longest estimated time first (unknown time
-  goes last among equals), then manifest order. One exception to phase order: a GPU candidate
-  whose critical path is at least URGENT_SHARE of the remaining GPU work per GPU (not-ended
-  experiments' time x gpus x util, running ones by their time still to go, over all GPUs) goes
-  ahead of earlier phases. Such a chain sets the end of the plan wherever it runs; kept behind
-  the earlier phases it would start once they are done and finish alone at the end, with the
-  other GPUs idle (a 4-hour 2-GPU run in the last phase of a 10-hour plan). The share is below 1
-  because a multi-GPU run must wait for GPUs to drain once it becomes urgent.
+- Priority: phase order; within a phase, first the long candidates, whose critical path (own
+  time + the longest chain of not-ended dependants' times; unknown time counts 0) is at least
+  LONG_SHARE of the remaining GPU work per GPU (not-ended experiments' time x gpus x util,
+  running ones by their time still to go, over all GPUs), longest first: started late they
+  would end alone. Then the others by critical path within a factor of two (power-of-two
+  classes), longer classes first, and within a class the largest memory footprint first (memory
+  x GPUs; holding GPUs whole counts as most), then the longest, unknown time last, manifest
+  order. Starting large jobs while small ones are left to fill the room beside them is what
+  keeps a GPU from running one 70 GB job alone at the end; longest first alone lost 5-7% of the
+  makespan on mixed memory (benchmarks/README.md "A drawn mix"). One exception to phase order: a
+  GPU candidate whose critical path is at least URGENT_SHARE of the remaining GPU work per GPU
+  goes ahead of earlier phases. Such a chain sets the end of the plan wherever it runs; kept
+  behind the earlier phases it would start once they are done and finish alone at the end, with
+  the other GPUs idle (a 4-hour 2-GPU run in the last phase of a 10-hour plan). The share is
+  below 1 because a multi-GPU run must wait for GPUs to drain once it becomes urgent.
 - A GPU fits a request when: it has no exclusive occupant (and, for an exclusive request, no
   occupant at all); the sum of its occupants' budgets plus the request stays within
   capacity minus headroom; and the live free memory minus headroom minus the not-yet-allocated
@@ -69,6 +75,7 @@ from .policy_types import (  # re-exported: the policy's types are imported from
     Reservation as Reservation,
     State as State,
     Wait as Wait,
+    priority,
 )
 from .policy_view import Hold, View, fmt_bytes, occupant_claim, placement_claim, reserve
 from .units import format_duration
@@ -76,6 +83,9 @@ from .units import format_duration
 # A candidate whose critical path is at least this share of the remaining GPU work per GPU goes
 # ahead of earlier phases (see Priority above).
 URGENT_SHARE = 0.5
+# A candidate whose critical path is at least this share of it goes first in its phase: near the
+# end of a plan the long ones lead, longest first (see Priority above).
+LONG_SHARE = 0.2
 
 
 def place(
@@ -97,11 +107,18 @@ def place(
     why: dict[str, Wait] = {}
     candidates, live, pending = _candidates(requests, states, waiting, why)
     cp = _critical_paths(live)
-    urgent = _urgent(candidates, pending, occupants, cp, len(gpus), now_s)
-    if cp or urgent:
-        candidates.sort(key=lambda r: (r.name not in urgent, r.phase_index, -cp.get(r.name, r.time_s or 0.0),
-                                       r.time_s is None, -(r.time_s or 0.0), r.order))
-    else:  # every critical path is its own time: the same order, from keys made once
+    per_gpu, longest = _work_per_gpu(pending, occupants, len(gpus), now_s)
+    # Without dependants a critical path is its own time: none is urgent unless the longest is.
+    urgent_floor = URGENT_SHARE * per_gpu
+    urgent = _urgent(candidates, cp, urgent_floor) if gpus and (cp or 0 < urgent_floor <= longest) else set()
+    floor = LONG_SHARE * per_gpu
+    if cp or urgent or 0 < floor <= longest:
+        def key(r: Request) -> tuple[object, ...]:
+            c = cp.get(r.name, r.time_s or 0.0)
+            first = (r.name not in urgent, r.phase_index)
+            return first + ((False, -c, -r.footprint, r.order) if 0 < floor <= c else (True, *priority(r, c)))
+        candidates.sort(key=key)
+    else:  # every critical path is its own time and none is long: the same order, from keys made once
         candidates.sort(key=lambda r: r.rank)
 
     view = View(gpus, limits)
@@ -208,22 +225,28 @@ def _candidates(
     return out, live, waiting_ones
 
 
-def _urgent(
-    candidates: Sequence[Request],
-    pending: Sequence[Request],
-    occupants: Sequence[Occupant],
-    cp: Mapping[str, float],
-    n_gpus: int,
-    now_s: float,
-) -> set[str]:
-    """GPU candidates whose critical path is at least URGENT_SHARE of the remaining GPU work per
-    GPU: they go ahead of earlier phases (module docstring). Unknown times count 0."""
+def _work_per_gpu(
+    pending: Sequence[Request], occupants: Sequence[Occupant], n_gpus: int, now_s: float
+) -> tuple[float, float]:
+    """The remaining GPU work per GPU (module docstring, Priority; unknown times count 0) and the
+    longest pending GPU request's time: none is long unless that one is (one pass, no key each)."""
     if not n_gpus:
-        return set()
-    work = sum((r.time_s or 0.0) * r.gpus * r.nodes * r.util for r in pending if r.gpus)
+        return 0.0, 0.0
+    work = longest = 0.0
+    for r in pending:
+        t = r.time_s
+        if t and r.gpus:
+            work += t * r.gpus * r.nodes * r.util
+            if t > longest:
+                longest = t
     work += sum(max(0.0, o.expected_end_s - now_s) * len(o.gpus) * o.util
                 for o in occupants if o.expected_end_s is not None)
-    floor = URGENT_SHARE * work / n_gpus
+    return work / n_gpus, longest
+
+
+def _urgent(candidates: Sequence[Request], cp: Mapping[str, float], floor: float) -> set[str]:
+    """GPU candidates whose critical path is at least `floor` (URGENT_SHARE of the remaining GPU
+    work per GPU): they go ahead of earlier phases (module docstring). Unknown times count 0."""
     return {r.name for r in candidates if r.gpus and (c := cp.get(r.name, r.time_s or 0.0)) > 0 and c >= floor}
 
 

@@ -7,6 +7,7 @@ policy.py (`place()`), which re-exports every name here. Pure: imports nothing o
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -47,13 +48,20 @@ class Request:
     nodes: int = 1  # >1: spans that many whole nodes (one rank per node), `gpus` on each
     # Worked out once, as a plan calls place() once per event over the whole queue: all that
     # decides where it fits (requests of one shape fit or fail alike), and its priority when no
-    # dependants or urgency reorder it (phase, longest first, unknown time last, manifest order).
+    # dependants, urgency or length reorder it (phase, then priority() of its own time).
     shape: tuple[object, ...] = field(init=False, repr=False, compare=False)
     rank: tuple[object, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", (self.gpus, self.mem_bytes, self.exclusive, self.cpus, self.nodes))
-        object.__setattr__(self, "rank", (self.phase_index, -(self.time_s or 0.0), self.time_s is None, self.order))
+        object.__setattr__(self, "rank", (self.phase_index, *priority(self, self.time_s or 0.0)))
+
+    @property
+    def footprint(self) -> float:
+        """Memory it takes over all its GPUs (a whole GPU, infinite here, when it holds them)."""
+        if not self.gpus:
+            return 0.0
+        return self.gpus * self.nodes * (math.inf if self.holds_whole else float(self.mem_bytes or 0))
 
     @property
     def holds_whole(self) -> bool:
@@ -147,3 +155,11 @@ class Limits:
     headroom_bytes: int = 0  # kept free on every GPU
     cpus_per_node: Mapping[str, int] | None = None  # None = do not limit by CPUs
     time_left_s: float | None = None  # None = unlimited
+
+
+def priority(r: Request, path_s: float) -> tuple[object, ...]:
+    """Sort key within a phase, given its critical path (own time when nothing depends on it):
+    lengths within a factor of two count as alike (the binary exponent), longer classes first;
+    within a class the largest footprint first, so that large jobs start while small ones are
+    still there to fill the room beside them; then longest first, unknown time last, manifest order."""
+    return (-math.frexp(path_s)[1] if path_s > 0 else math.inf, -r.footprint, -path_s, r.time_s is None, r.order)

@@ -129,6 +129,28 @@ def test_manifest_order_not_list_order_breaks_ties() -> None:
     assert [p.name for p in d.placements] == ["first"]
 
 
+@pytest.mark.parametrize(
+    "small_h, busy_h, winner",
+    [
+        # gpu1 full for 20 h more: 0.2 x (20 + 1 + 5/6) GPU-h / 2 GPUs = 2.2 h, so neither is long;
+        # 1 h and 50 min are within a factor of two: the larger footprint (60 GB) goes first.
+        (1, 20, "large"),
+        (2, 20, "small"),  # 2 h is a longer class than 50 min (and under 0.2 x 22.8 / 2 = 2.3 h)
+        # one GPU, nothing else: both are long (>= 0.2 x 1.8 h): longest first.
+        (1, 0, "small"),
+    ],
+)
+def test_longer_class_first_then_largest_footprint_unless_long(small_h: int, busy_h: int, winner: str) -> None:
+    # 40 + 60 GB > 80: one starts on gpu0, and the order shows.
+    reqs = [req("small", 0, 40, time_s=small_h * H), req("large", 1, 60, time_s=50 * 60)]
+    gpus, running = [gpu(0)], []
+    if busy_h:
+        gpus.append(gpu(1))
+        running.append(occ("running", 1, budget=80, expected_end_s=busy_h * H))
+    d = decide(reqs, gpus, running)
+    assert [p.name for p in d.placements] == [winner]
+
+
 def test_critical_path_beats_a_longer_single_job() -> None:
     # a (1h) feeds c (3h): path 4h; b alone is 2h. Longest-first alone would pick b.
     reqs = [req("a", 0, 60, time_s=H), req("b", 1, 60, time_s=2 * H), req("c", 2, 60, time_s=3 * H, depends_on=("a",))]
