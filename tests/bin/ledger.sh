@@ -7,6 +7,10 @@ now() { date +%s.%N; }
 echo "start $name $GPUPACK_ATTEMPT resume=${GPUPACK_RESUME:-0} $(now)" >> "$ledger"
 trap 'echo "preempted $name $GPUPACK_ATTEMPT resume=${GPUPACK_RESUME:-0} $(now)" >> "$ledger"; exit 143' USR2
 sleep "$seconds" & wait $!
+# The work is done: a preempt signal from now on is ignored, as a trainer that has finished ignores
+# it. Otherwise bash runs the trap after the last line, and an attempt that wrote "end" would
+# exit 143 (interrupted, so run again): twice "end" in the ledger.
+trap '' USR2
 printf '{"name": "%s", "attempt": %s}\n' "$name" "$GPUPACK_ATTEMPT" > "$GPUPACK_OUT/.results.tmp"
 mv "$GPUPACK_OUT/.results.tmp" "$GPUPACK_OUT/results.json"
 echo "end $name $GPUPACK_ATTEMPT resume=${GPUPACK_RESUME:-0} $(now)" >> "$ledger"
