@@ -108,7 +108,11 @@ class SlurmBackend:
         mode = slurm_steps.detect_gpu_mode(srun_mode or self.env.get("GPUPACK_SRUN_MODE"))
         lost = None if watch is None else (lambda force: watch.lost(time.time(), force))
         node_gpus = {n: len(allocation.gpus_on(n)) for n in allocation.nodes}
-        return SrunLauncher(mode, node_gpus=node_gpus, here=self.env.get("SLURMD_NODENAME"), lost_nodes=lost)
+        job = allocation.job_id
+        return SrunLauncher(
+            mode, node_gpus=node_gpus, here=self.env.get("SLURMD_NODENAME"), lost_nodes=lost,
+            job_ending=lambda: slurm.job_ending(job),
+        )
 
     def hooks(self, max_requeues: int, run_args: Sequence[str]) -> Hooks:
         return slurm_requeue.engine_hooks(self.allocation, max_requeues, run_args=run_args)

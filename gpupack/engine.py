@@ -426,9 +426,12 @@ class Engine:
         if done:
             with self.store.batch():  # what ended since the last tick: one commit
                 for r, code in done:
-                    # Lost with its node: interrupted (no retry used), whatever srun's exit code.
-                    lost = self.launcher.lost(r.exp.name)
-                    self._ended(r, code, now, interrupted=lost is not None, why=lost)
+                    # Lost with its node or its allocation, or ended once gpupack was told to
+                    # stop (the signal that stops gpupack may have ended it too): interrupted, no
+                    # retry used, whatever the exit code.
+                    lost = self.launcher.lost(r.exp.name, code)
+                    stopping = self.signals.reason is not None
+                    self._ended(r, code, now, interrupted=lost is not None or stopping, why=lost)
 
     def _ended(self, r: Running, code: int | None, now: float, interrupted: bool, why: str | None = None) -> None:
         name, exp = r.exp.name, r.exp

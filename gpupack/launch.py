@@ -229,7 +229,7 @@ class Launcher(Protocol):
 
     def may_launch(self, now: float) -> bool: ...  # now: time.monotonic()
 
-    def lost(self, name: str) -> str | None: ...
+    def lost(self, name: str, code: int | None) -> str | None: ...
 
     def ended(self, name: str) -> None: ...
 
@@ -251,9 +251,10 @@ class LocalLauncher:
     def may_launch(self, now: float) -> bool:
         return True
 
-    def lost(self, name: str) -> str | None:
-        """Why the attempt `name`, which has just ended, was lost with its node (None: it ran
-        its course). Such an attempt is interrupted, whatever its exit code."""
+    def lost(self, name: str, code: int | None) -> str | None:
+        """Why the attempt `name`, which has just ended with `code`, was lost with its node or
+        its allocation (None: it ran its course). Such an attempt is interrupted, whatever its
+        exit code."""
         return None
 
     def ended(self, name: str) -> None:

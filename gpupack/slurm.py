@@ -289,6 +289,23 @@ def show_job(job_id: str, *, run: Runner = run_command) -> dict[str, str] | None
     return parse_scontrol(out, ("Command", "WorkDir", "StdOut", "StdErr", "StdIn", "Comment"))
 
 
+# Job states in which the allocation still runs; any other (CANCELLED, TIMEOUT, PREEMPTED,
+# NODE_FAIL, COMPLETING, REQUEUED...) means Slurm is ending it.
+_RUNNING_STATES = ("RUNNING", "SUSPENDED", "CONFIGURING", "RESIZING")
+
+
+def job_ending(job_id: str, *, run: Runner = run_command) -> str | None:
+    """The state in which Slurm is ending job J (COMPLETING after `scancel`, TIMEOUT...), None
+    while it runs on or when Slurm does not answer. slurmctld sets it before it signals the
+    job's steps, so a step killed by that signal can be told from one that failed on its own,
+    whichever of the step's exit and the batch step's own signal gpupack sees first."""
+    info = show_job(job_id, run=run)
+    if not info:
+        return None
+    state = info.get("JobState", "")
+    return state if state and state not in _RUNNING_STATES else None
+
+
 def parse_scontrol(text: str, whole_line: Sequence[str] = ()) -> dict[str, str]:
     """`scontrol show ...` output as a dict of its key=value tokens (the first of each key); a
     line starting with one of `whole_line` keys gives that key the rest of the line."""

@@ -33,13 +33,18 @@ class SrunLauncher(LocalLauncher):
         max_steps_per_s: int = 5,
         here: str | None = None,
         lost_nodes: Callable[[bool], Mapping[str, str]] | None = None,
+        job_ending: Callable[[], str | None] | None = None,
     ):
         """`node_gpus`: the job's GPU count on every node, or per node (overlap mode asks for
-        all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch)."""
+        all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch).
+        `job_ending()`: the state in which Slurm is ending the job, None while it runs
+        (slurm.job_ending)."""
         self.here = here  # the Slurm node this gpupack runs on (None: a login node, not one of the job's)
         self.mode = mode
         self.node_gpus = node_gpus
         self.lost_nodes = lost_nodes
+        self.job_ending = job_ending
+        self._ending: str | None = None  # once Slurm ends the job, it stays ending
         self.throttle = StepThrottle(max_steps_per_s)
         self._watched: dict[str, tuple[Path, int, float]] = {}  # name -> (log, offset, launched at)
         self._steps: dict[str, tuple[Path, int, tuple[str, ...]]] = {}  # name -> (log, offset at launch, nodes)
@@ -88,9 +93,12 @@ class SrunLauncher(LocalLauncher):
         self._steps[spec.name] = (spec.log_path, offset, spec.nodes or (spec.node,))
         return handle
 
-    def lost(self, name: str) -> str | None:
+    def lost(self, name: str, code: int | None) -> str | None:
         """srun exits 0 when the step's node fails under it, saying `Node failure on n2` on
-        stderr (the attempt's log): that, or the allocation having lost the node, is a loss."""
+        stderr (the attempt's log): that, or the allocation having lost the node, is a loss.
+        So is a step killed by a signal (exit 128+N) while Slurm ends the job: `scancel`, a time
+        limit or a preemption signals every step at once, and this step's srun may exit before
+        gpupack's own signal arrives."""
         if name not in self._steps:
             return None
         log, offset, nodes = self._steps[name]
@@ -106,6 +114,11 @@ class SrunLauncher(LocalLauncher):
                 return f"node {node} {lost[node]}"
         if failed:
             return f"node failure on {', '.join(sorted(failed))} (srun)"
+        killed = code is None or code >= 128 or code < 0
+        if killed and self._ending is None and self.job_ending is not None:
+            self._ending = self.job_ending()
+        if killed and self._ending is not None:
+            return f"Slurm is ending the job ({self._ending})"
         return None
 
     def may_launch(self, now: float) -> bool:

@@ -257,16 +257,39 @@ def test_srun_launcher_tells_a_lost_step_from_a_finished_one(tmp_path: Path) -> 
         log.write_text("earlier attempt: srun: error: Node failure on n2\n")  # not this attempt's
         specs[name] = LaunchSpec(name, 2, "true", tmp_path, {}, log, node, (0,), ("0",), 1)
         launcher._steps[name] = (log, log.stat().st_size, (node,))
-    assert launcher.lost("a") is None and launcher.lost("b") is None and asked == [False, False]
+    assert launcher.lost("a", 0) is None and launcher.lost("b", 0) is None and asked == [False, False]
     with open(specs["b"].log_path, "a") as f:
         f.write("srun: error: Node failure on n2\n")
-    assert launcher.lost("b") == "node failure on n2 (srun)" and asked[-1] is True
+    assert launcher.lost("b", 0) == "node failure on n2 (srun)" and asked[-1] is True
     lost["n2"] = "left the allocation (idle: test)"
-    assert launcher.lost("b") == "node n2 left the allocation (idle: test)"
-    assert launcher.lost("a") is None
+    assert launcher.lost("b", 0) == "node n2 left the allocation (idle: test)"
+    assert launcher.lost("a", 0) is None
     assert launcher.argv(specs["b"])[:2] == ["srun", "--exact"]
     overlap = SrunLauncher("overlap", node_gpus={"n1": 4, "n2": 2})
     assert "--gpus=2" in overlap.argv(specs["b"]) and "--gpus=4" in overlap.argv(specs["a"])
+
+
+def test_srun_launcher_calls_a_step_killed_while_slurm_ends_the_job_an_interruption(tmp_path: Path) -> None:
+    # scancel, a time limit or a preemption signals every step with the batch step: a step's srun
+    # may exit 143 before gpupack hears its own signal, and that is no failure of the experiment.
+    job_state: list[str | None] = [None]
+    asked: list[int] = []
+
+    def job_ending() -> str | None:
+        asked.append(1)
+        return job_state[0]
+
+    launcher = SrunLauncher("gres-none", node_gpus=4, job_ending=job_ending)
+    for name in ("a", "b", "c"):
+        log = tmp_path / f"{name}.log"
+        log.write_text("srun: error: n1: task 0: Terminated\n")
+        launcher._steps[name] = (log, 0, ("n1",))
+    assert launcher.lost("a", 1) is None and asked == []  # an exit code of its own: Slurm not asked
+    assert launcher.lost("a", 143) is None and len(asked) == 1  # killed while the job runs on: a failure
+    job_state[0] = "COMPLETING"
+    assert launcher.lost("b", 143) == "Slurm is ending the job (COMPLETING)"
+    job_state[0] = None  # once ending, always ending: no question per step of a large allocation
+    assert launcher.lost("c", 137) == "Slurm is ending the job (COMPLETING)" and len(asked) == 2
 
 
 @pytest.mark.parametrize(

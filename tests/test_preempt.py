@@ -118,3 +118,26 @@ def test_a_wall_clock_step_during_the_grace_period_does_not_cut_it_short(tmp_pat
     assert ckpt["workers_alive"] == 4
     assert store.experiment_states() == {"t": "interrupted"}
     store.close()
+
+
+def test_an_experiment_that_ends_as_the_stop_signal_arrives_is_interrupted_not_failed(write_manifest, tmp_path: Path) -> None:
+    """Slurm signals every step with the batch step (scancel, time limit): gpupack may see the
+    signal and the experiment's exit in one wake-up. Made certain here: the experiment stops
+    gpupack (SIGSTOP), exits 3, and a helper sends TERM and CONT once its exit is recorded."""
+    exit_file = tmp_path / "runs" / "edge" / "exp" / "a" / ".attempt-1.exit"
+    m = write_manifest(f"""
+        name: edge
+        phases:
+          - name: p
+            experiments:
+              - name: a
+                mem: 1GB
+                cmd: >-
+                  P=$(cut -d' ' -f4 /proc/$PPID/stat); kill -STOP $P;
+                  setsid sh -c 'while [ ! -s {exit_file} ]; do sleep 0.01; done; kill -TERM $0; kill -CONT $0' $P &
+                  exit 3
+        """)
+    done = gpupack("run", str(m), "--poll", "1", "--no-report", env=ENV)
+    assert done.returncode == 3, done.stdout + done.stderr  # stopped, not failed
+    row = by_name(tmp_path / "runs" / "edge")["a"]
+    assert (row["state"], row["exit_code"]) == ("interrupted", 3)

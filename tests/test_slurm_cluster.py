@@ -290,6 +290,35 @@ def test_scancel_stops_the_run_for_good_it_does_not_requeue_itself(jobs: Jobs, t
     assert gpupack_status(jobs.env, run_dir)["long"]["state"] == "interrupted"  # a new submission resumes it
 
 
+
+# A batch script that outlives its SIGTERM: it starts one step, waits for it to end, then asks
+# slurm.job_ending() what the step's end meant.
+STEP_END_WATCHER = '''
+import json, os, signal, subprocess, sys
+from pathlib import Path
+from gpupack.slurm import job_ending
+
+signal.signal(signal.SIGTERM, lambda *_: None)  # a handler, not SIG_IGN, which srun would inherit
+out, job = Path(sys.argv[1]), os.environ["SLURM_JOB_ID"]
+before = job_ending(job)
+step = subprocess.Popen(["srun", "-n1", "sh", "-c", f"echo up > {out}/started; exec sleep 600"])
+code = step.wait()
+(out / "seen.tmp").write_text(json.dumps({"before": before, "code": code, "after": job_ending(job)}))
+(out / "seen.tmp").rename(out / "seen.json")
+'''
+
+
+def test_a_step_killed_by_scancel_finds_its_job_ending(jobs: Jobs, tmp_path: Path) -> None:
+    # What SrunLauncher.lost relies on: slurmctld marks the job before it signals the steps, so
+    # a step that died of the cancel (before gpupack heard its own signal) is told from a failure.
+    script = python_script(tmp_path / "watcher.py", STEP_END_WATCHER)
+    job = jobs.sbatch("-o", str(tmp_path / "job.log"), str(script), str(tmp_path))
+    wait_for_file(tmp_path / "started", 60)
+    subprocess.run(["scancel", job], env=jobs.env, check=True)
+    seen = json.loads(wait_for_file(tmp_path / "seen.json", 30))
+    assert seen["before"] is None and seen["code"] != 0, seen
+    assert seen["after"] in ("COMPLETING", "CANCELLED"), seen
+
 TRAINERS = """\
 name: trainers
 defaults: {{gpus: 1, mem: 10GB, cpus: 1, resumable: true}}
