@@ -48,6 +48,11 @@ from .units import format_bytes, format_duration
 MAX_OOM_RETRIES = 3  # CUDA OOM retries with a raised budget; they do not use up `retries`
 IDLE_TICKS_BEFORE_GIVING_UP = 3
 COMPACT_EVERY_S = 600.0
+# An attempt killed by a signal gpupack did not send is judged this long after its end: a
+# preemption, `scancel` or a stopped container signals every process of the job at once, and
+# gpupack's own signal may come a moment after the experiment's death. Within it, the attempt is
+# interrupted; after it, it failed.
+KILLED_VERDICT_DELAY_S = 3.0
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Running:
     util_n: int = 0
     node: str = ""  # its (first) node: where a CPU-only experiment's CPUs are
     master_port: int | None = None  # a multi-node experiment's
+    killed_at: float | None = None  # time.monotonic() it was seen dead of a signal (KILLED_VERDICT_DELAY_S)
 
 
 @dataclass
@@ -239,8 +245,8 @@ class Engine:
                 self.signals.sleep(min(self.options.poll_s, 1.0))
                 continue
             idle_ticks = 0
-            adopted = any(r.handle.adopted for r in self.running.values())
-            soon = adopted or throttled
+            # Adopted groups send no SIGCHLD, and a delayed verdict is due: look again soon.
+            soon = throttled or any(r.handle.adopted or r.killed_at is not None for r in self.running.values())
             self.signals.sleep(min(self.options.poll_s, 0.5) if soon else self.options.poll_s)
 
     def _requests(self) -> list[policy.Request]:
@@ -431,7 +437,18 @@ class Engine:
                     # retry used, whatever the exit code.
                     lost = self.launcher.lost(r.exp.name, code)
                     stopping = self.signals.reason is not None
+                    if lost is None and not stopping and self._verdict_delayed(r, code):
+                        continue
                     self._ended(r, code, now, interrupted=lost is not None or stopping, why=lost)
+
+    @staticmethod
+    def _verdict_delayed(r: Running, code: int | None) -> bool:
+        """Whether the verdict on `r`, which ended with `code`, waits (KILLED_VERDICT_DELAY_S)."""
+        if code is not None and 0 <= code < 128:
+            return False  # an exit of its own
+        if r.killed_at is None:
+            r.killed_at = time.monotonic()
+        return time.monotonic() - r.killed_at < KILLED_VERDICT_DELAY_S
 
     def _ended(self, r: Running, code: int | None, now: float, interrupted: bool, why: str | None = None) -> None:
         name, exp = r.exp.name, r.exp

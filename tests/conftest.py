@@ -47,6 +47,15 @@ def status(run_dir: Path) -> dict[str, Any]:
     return json.loads(done.stdout)
 
 
+def spawned(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`argv` started with `env`, once it has exec'd: until then /proc shows the forked child
+    with this process's command line and environment."""
+    proc = subprocess.Popen(argv, env=env)
+    wanted = "\0".join(argv).encode() + b"\0"
+    wait_for(lambda: Path(f"/proc/{proc.pid}/cmdline").read_bytes() == wanted, what=f"{argv[0]} to start")
+    return proc
+
+
 def by_name(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {e["name"]: e for e in status(run_dir)["experiments"]}
 

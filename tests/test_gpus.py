@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pynvml
 import pytest
+from conftest import spawned
 
 from gpupack.gpus import GpuSpecError, NvmlError, NvmlProbe, SimulatedProbe, open_probe, parse_gpu_spec
 from gpupack.policy import Occupant
@@ -50,7 +51,7 @@ class FakeDriver:
 
 def test_nvml_probe_reads_v2_memory_util_and_attributes_processes(monkeypatch):
     ident = {"GPUPACK_RUN_DIR": "/runs/r", "GPUPACK_EXPERIMENT": "train-s1", "GPUPACK_ATTEMPT": "1"}
-    child = subprocess.Popen(["sleep", "30"], env={**os.environ, **ident})
+    child = spawned(["sleep", "30"], {**os.environ, **ident})
     try:
         driver = FakeDriver({0: [SimpleNamespace(pid=child.pid, usedGpuMemory=12 * GB),
                                  SimpleNamespace(pid=os.getpid(), usedGpuMemory=None)]})
@@ -322,7 +323,7 @@ def test_a_gpu_whose_readings_keep_failing_becomes_unavailable_and_comes_back():
 def test_memory_is_attributed_by_run_directory_and_attempt_not_by_name_alone(tmp_path):
     def proc(run_dir: str, attempt: str) -> subprocess.Popen:
         env = {**os.environ, "GPUPACK_RUN_DIR": run_dir, "GPUPACK_EXPERIMENT": "train", "GPUPACK_ATTEMPT": attempt}
-        return subprocess.Popen(["sleep", "30"], env=env)
+        return spawned(["sleep", "30"], env)
 
     mine, other_run, old_attempt = proc("/runs/a", "2"), proc("/runs/b", "2"), proc("/runs/a", "1")
     try:

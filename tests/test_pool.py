@@ -16,6 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from conftest import spawned
 
 from gpupack import _reader
 from gpupack.gpus import Reading, SimulatedProbe, parse_gpu_spec
@@ -104,8 +105,8 @@ def test_reader_lines_round_trip() -> None:
 
 def test_reader_attributes_memory_to_this_runs_attempts(tmp_path: Path) -> None:
     env = {**os.environ, "GPUPACK_RUN_DIR": str(tmp_path), "GPUPACK_EXPERIMENT": "train-a", "GPUPACK_ATTEMPT": "3"}
-    child = subprocess.Popen(["sleep", "30"], env=env)
-    other = subprocess.Popen(["sleep", "30"], env={**env, "GPUPACK_RUN_DIR": "/elsewhere"})
+    child = spawned(["sleep", "30"], env)
+    other = spawned(["sleep", "30"], {**env, "GPUPACK_RUN_DIR": "/elsewhere"})
     try:
         probe = _reader.AttemptNvmlProbe.__new__(_reader.AttemptNvmlProbe)  # no NVML here: only the attribution
         probe.run_dir = str(tmp_path)

@@ -141,3 +141,52 @@ def test_an_experiment_that_ends_as_the_stop_signal_arrives_is_interrupted_not_f
     assert done.returncode == 3, done.stdout + done.stderr  # stopped, not failed
     row = by_name(tmp_path / "runs" / "edge")["a"]
     assert (row["state"], row["exit_code"]) == ("interrupted", 3)
+
+
+def test_an_experiment_killed_by_a_signal_moments_before_gpupack_is_stopped_is_interrupted(tmp_path: Path) -> None:
+    """A preemption signals every process of the job: the experiment may die of it a moment before
+    gpupack hears its own. Here the experiment kills itself with TERM, and gpupack gets TERM once
+    it has seen that death (engine.KILLED_VERDICT_DELAY_S); without that stop it has failed."""
+    import os
+    import threading
+
+    from gpupack.engine import EXIT_STOPPED, Engine, RunOptions
+    from gpupack.gpus import SimulatedProbe, parse_gpu_spec
+    from gpupack.launch import LocalLauncher
+    from gpupack.manifest import load_text
+    from gpupack.store import Store
+
+    manifest = load_text("name: killed\nphases: [{name: p, experiments: [{name: a, cmd: 'kill -TERM $$', mem: 1GB}]}]\n",
+                         tmp_path / "m.yaml")
+    manifest.run_dir.mkdir(parents=True)
+    store = Store(manifest.run_dir / "state.db")
+    inventory = parse_gpu_spec("1x80GB", "n0")
+    engine = Engine(manifest, store, SimulatedProbe(inventory), LocalLauncher(), inventory, RunOptions(poll_s=0.05))
+    engine.prepare()
+    engine.signals.install()
+
+    def stop_once_its_death_is_seen() -> None:
+        wait_for(lambda: (lambda r: r is not None and r.killed_at is not None)(engine.running.get("a")),
+                 what="the engine to see the experiment's death")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    stopper = threading.Thread(target=stop_once_its_death_is_seen)
+    stopper.start()
+    try:
+        assert engine.run() == EXIT_STOPPED
+    finally:
+        stopper.join()
+        engine.close(EXIT_STOPPED)
+    assert store.experiment_states() == {"a": "interrupted"}
+    store.close()
+
+
+def test_an_experiment_killed_by_a_signal_with_no_stop_following_has_failed(write_manifest, tmp_path: Path) -> None:
+    m = write_manifest("""
+        name: killed
+        phases: [{name: p, experiments: [{name: a, cmd: 'kill -TERM $$', mem: 1GB}]}]
+        """)
+    done = gpupack("run", str(m), "--poll", "1", "--no-report", env=ENV)
+    assert done.returncode == 1, done.stdout + done.stderr
+    row = by_name(tmp_path / "runs" / "killed")["a"]
+    assert (row["state"], row["exit_code"]) == ("failed", 128 + signal.SIGTERM)
