@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 DB_FILE = "state.db"
+COPY_TRIES = 5  # copies of a killed scheduler's database and -wal taken while a new one starts
 
 
 @dataclass(frozen=True)
@@ -128,21 +129,49 @@ def open_file(path: Path, writer_here: bool) -> Store:
         store.meta()  # SQLite opens lazily: fail here, not in the middle of a command
         return store
     wal = Path(f"{path}-wal")
-    if not (wal.exists() and wal.stat().st_size > 0):
-        return Store(path, readonly=True, immutable=True)  # nothing to apply and nobody writing
-    # A killed scheduler's -wal: read a private copy of both, never the shared -shm index (not
-    # coherent across NFS clients, and not even creatable in a read-only directory).
-    tmp = tempfile.mkdtemp(prefix="gpupack-read-")
+    problem: Exception | None = None
+    for _ in range(COPY_TRIES):
+        if _size(wal) == 0:
+            return Store(path, readonly=True, immutable=True)  # nothing to apply and nobody writing
+        # A killed scheduler's -wal: read a private copy of both, never the shared -shm index (not
+        # coherent across NFS clients, and not even creatable in a read-only directory). A new
+        # scheduler (a requeued job) may checkpoint and delete the -wal meanwhile: a copy counts
+        # only if neither file changed while it was taken, else it is taken again.
+        tmp = tempfile.mkdtemp(prefix="gpupack-read-")
+        try:
+            before = _stamps(path, wal)
+            shutil.copyfile(path, Path(tmp) / DB_FILE)
+            shutil.copyfile(wal, Path(tmp) / f"{DB_FILE}-wal")
+            if _stamps(path, wal) != before:
+                raise _Changed(f"{path} changed while it was copied")
+            store = Store(Path(tmp) / DB_FILE, readonly=True)
+            store.meta()
+        except (_Changed, FileNotFoundError) as exc:  # replaced or deleted under the copy
+            shutil.rmtree(tmp, ignore_errors=True)
+            problem = exc
+            continue
+        except (OSError, StoreError, sqlite3.Error) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"{path}: cannot read it: {exc}") from None
+        weakref.finalize(store, shutil.rmtree, tmp, True)
+        return store
+    raise StoreError(f"{path}: cannot read it: {problem} ({COPY_TRIES} tries; is a scheduler starting?)")
+
+
+class _Changed(Exception):
+    pass
+
+
+def _size(path: Path) -> int:
     try:
-        shutil.copyfile(path, Path(tmp) / DB_FILE)
-        shutil.copyfile(wal, Path(tmp) / f"{DB_FILE}-wal")
-        store = Store(Path(tmp) / DB_FILE, readonly=True)
-        store.meta()
-    except (OSError, StoreError, sqlite3.Error) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StoreError(f"{path}: cannot read it: {exc}") from None
-    weakref.finalize(store, shutil.rmtree, tmp, True)
-    return store
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _stamps(*paths: Path) -> tuple[tuple[int, int, int], ...]:
+    """Each file's (inode, size, mtime): what a writer changes; FileNotFoundError when one is gone."""
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in map(os.stat, paths))
 
 
 def open_database(run_dir: Path, now: float | None = None) -> Store:

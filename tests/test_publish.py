@@ -218,6 +218,28 @@ def test_a_killed_runs_wal_is_read_from_a_private_copy(read_only: Path, run_dir:
     assert not Path(f"{run_dir / 'state.db'}-shm").exists()  # no shared WAL index made or touched
 
 
+
+def test_a_wal_deleted_under_the_readers_copy_is_read_again(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed scheduler's -wal, and a new scheduler (a requeued job) that checkpoints and
+    deletes it while `status` on the login node copies it: the reader takes its copy again."""
+    store = Store(run_dir / "state.db")
+    store._db.execute("PRAGMA wal_autocheckpoint=0")
+    store.set_state("lat-b8", "succeeded")  # only in the -wal for now
+    real_copy = shutil.copyfile
+    copies: list[str] = []
+
+    def copy_while_a_scheduler_starts(src: str | Path, dst: str | Path) -> str | Path:
+        if not copies:
+            store.close()  # the new scheduler: checkpoints, deletes the -wal
+        copies.append(Path(src).name)
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(reader.shutil, "copyfile", copy_while_a_scheduler_starts)
+    read = reader.open_file(run_dir / "state.db", writer_here=False)
+    assert copies == ["state.db", "state.db-wal"]  # the first copy failed at the -wal ...
+    assert read.experiment_states()["lat-b8"] == "succeeded"  # ... and the checkpointed database was read
+    read.close()
+
 def test_a_finished_run_is_read_immutable_without_side_files(run_dir: Path, tmp_path: Path) -> None:
     mount = tmp_path / "ro"
     mount.mkdir()
