@@ -203,6 +203,9 @@ class Engine:
         while True:
             now = self.clock()
             self._reap(now)
+            ending = self.launcher.allocation_ending()
+            if ending is not None:
+                self.signals.stop(f"allocation ending ({ending})")
             self._note_leader_starts()
             # Read after reaping so the memory of what just ended is not counted as used.
             track = getattr(self.probe, "track", None)  # NVML: whose processes are whose

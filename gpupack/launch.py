@@ -231,6 +231,8 @@ class Launcher(Protocol):
 
     def lost(self, name: str, code: int | None) -> str | None: ...
 
+    def allocation_ending(self) -> str | None: ...
+
     def ended(self, name: str) -> None: ...
 
 
@@ -255,6 +257,11 @@ class LocalLauncher:
         """Why the attempt `name`, which has just ended with `code`, was lost with its node or
         its allocation (None: it ran its course). Such an attempt is interrupted, whatever its
         exit code."""
+        return None
+
+    def allocation_ending(self) -> str | None:
+        """Why the allocation is ending, learnt from an attempt that `lost()` judged (a preempted
+        Slurm job's steps are killed before gpupack gets any signal); None as far as known."""
         return None
 
     def ended(self, name: str) -> None:

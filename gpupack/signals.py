@@ -103,6 +103,12 @@ class StopSignals:
         if self.reason is None:
             self.reason = _REASONS.get(signum, f"signal {signum}")
 
+    def stop(self, reason: str) -> None:
+        """Stop for `reason`, learnt other than by a signal (no count: a second signal still
+        cuts the grace period short)."""
+        if self.reason is None:
+            self.reason = reason
+
     def sleep(self, timeout_s: float) -> None:
         """Until a signal arrives or timeout_s passes; short naps once stopping."""
         if self.reason is not None:

@@ -295,15 +295,20 @@ _RUNNING_STATES = ("RUNNING", "SUSPENDED", "CONFIGURING", "RESIZING")
 
 
 def job_ending(job_id: str, *, run: Runner = run_command) -> str | None:
-    """The state in which Slurm is ending job J (COMPLETING after `scancel`, TIMEOUT...), None
-    while it runs on or when Slurm does not answer. slurmctld sets it before it signals the
-    job's steps, so a step killed by that signal can be told from one that failed on its own,
-    whichever of the step's exit and the batch step's own signal gpupack sees first."""
+    """Why Slurm is ending job J: its state (COMPLETING after `scancel`, TIMEOUT...), or
+    "preempted" while a preempted job runs out its GraceTime; None while it runs on or when
+    Slurm does not answer. slurmctld records either before it signals the job's steps, so a
+    step killed by that signal can be told from one that failed on its own. (A preemption with
+    GraceTime signals the steps at once but the batch step, gpupack, only when the grace is over.)"""
     info = show_job(job_id, run=run)
     if not info:
         return None
     state = info.get("JobState", "")
-    return state if state and state not in _RUNNING_STATES else None
+    if state and state not in _RUNNING_STATES:
+        return state
+    if info.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+        return "preempted"
+    return None
 
 
 def parse_scontrol(text: str, whole_line: Sequence[str] = ()) -> dict[str, str]:

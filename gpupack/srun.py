@@ -37,7 +37,7 @@ class SrunLauncher(LocalLauncher):
     ):
         """`node_gpus`: the job's GPU count on every node, or per node (overlap mode asks for
         all of them). `lost_nodes(force)`: the allocation's lost nodes with why (NodeWatch).
-        `job_ending()`: the state in which Slurm is ending the job, None while it runs
+        `job_ending()`: why Slurm is ending the job, None while it runs
         (slurm.job_ending)."""
         self.here = here  # the Slurm node this gpupack runs on (None: a login node, not one of the job's)
         self.mode = mode
@@ -120,6 +120,9 @@ class SrunLauncher(LocalLauncher):
         if killed and self._ending is not None:
             return f"Slurm is ending the job ({self._ending})"
         return None
+
+    def allocation_ending(self) -> str | None:
+        return self._ending
 
     def may_launch(self, now: float) -> bool:
         for name, (log, offset, since) in list(self._watched.items()):

@@ -287,10 +287,12 @@ def test_srun_launcher_calls_a_step_killed_while_slurm_ends_the_job_an_interrupt
         launcher._steps[name] = (log, 0, ("n1",))
     assert launcher.lost("a", 1) is None and asked == []  # an exit code of its own: Slurm not asked
     assert launcher.lost("a", 143) is None and len(asked) == 1  # killed while the job runs on: a failure
+    assert launcher.allocation_ending() is None
     job_state[0] = "COMPLETING"
     assert launcher.lost("b", 143) == "Slurm is ending the job (COMPLETING)"
     job_state[0] = None  # once ending, always ending: no question per step of a large allocation
     assert launcher.lost("c", 137) == "Slurm is ending the job (COMPLETING)" and len(asked) == 2
+    assert launcher.allocation_ending() == "COMPLETING"  # the engine stops as if signalled
 
 
 @pytest.mark.parametrize(

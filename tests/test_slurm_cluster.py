@@ -291,6 +291,35 @@ def test_scancel_stops_the_run_for_good_it_does_not_requeue_itself(jobs: Jobs, t
 
 
 
+
+def test_a_preempted_job_interrupts_its_experiments_requeues_and_resumes_them(jobs: Jobs, tmp_path: Path) -> None:
+    # The test cluster's partition "urgent" preempts "debug" with GraceTime (start.sh): Slurm
+    # kills the job's steps at once, but signals the batch step (gpupack) only when the grace is
+    # over. gpupack learns it from its killed steps (PreemptTime), stops and requeues the job.
+    job, run_dir, log = preempt_run(jobs, tmp_path, ())
+    exp = run_dir / "exp"
+    wait_for_file(exp / "long" / "started-1", 60)
+    wait_for("the quick experiments to finish",
+             lambda: all((exp / f"quick-{i}" / "results.json").exists() for i in (0, 1)), 60)
+    node = jobs.info(job)["NodeList"]
+    urgent = jobs.sbatch("-p", "urgent", "-w", node, "--gres=gpu:4", "-o", str(tmp_path / "urgent.log"),
+                         "--wrap", "exec sleep 2")
+    t_preempt = time.time()
+    second = json.loads(wait_for_file(exp / "long" / "started-2", 120))
+    print(f"preempted -> interrupted experiment running again in the requeued job: {second['start'] - t_preempt:.1f}s")
+    assert jobs.info(urgent).get("JobState") in ("RUNNING", "COMPLETING", "COMPLETED")
+    info = wait_job_done(jobs, job, log, 120)
+    assert info["Restarts"] == "1"
+    status = gpupack_status(jobs.env, run_dir)
+    assert {n: (e["state"], e["attempts"]) for n, e in status.items()} == {
+        "quick-0": ("succeeded", 1), "quick-1": ("succeeded", 1), "long": ("succeeded", 2),
+    }
+    assert second["resume"] == "1"
+    text = log.read_text()
+    assert "stopping: allocation ending (preempted)" in text, text
+    assert "long interrupted after" in text and "Slurm is ending the job (preempted)" in text, text
+    assert f"requeued job {job} (run 2)" in text, text
+
 # A batch script that outlives its SIGTERM: it starts one step, waits for it to end, then asks
 # slurm.job_ending() what the step's end meant.
 STEP_END_WATCHER = '''

@@ -625,3 +625,18 @@ def test_facts_are_unknown_whatever_the_failure(error: slurm.SlurmError) -> None
     assert slurm.expand_nodelist("n[1-2]", run=broken) == ()
     assert not slurm_requeue.requeue("12", run=broken)
     assert slurm_steps.detect_gpu_mode(None, run=broken) == "overlap"
+
+
+@pytest.mark.parametrize("state,preempt_time,expected", [
+    ("RUNNING", None, None),  # no preemption configured: no PreemptTime field at all
+    ("RUNNING", "None", None),
+    ("RUNNING", "2026-12-03T13:43:37", "preempted"),  # running out its GraceTime
+    ("COMPLETING", "None", "COMPLETING"),  # scancel
+    ("TIMEOUT", "None", "TIMEOUT"),
+])
+def test_job_ending_reads_the_state_and_a_preemption(state: str, preempt_time: str | None, expected: str | None) -> None:
+    info = show_job().replace("JobState=RUNNING", f"JobState={state}")
+    if preempt_time is not None:
+        info += f"   PreemptEligibleTime=2026-12-03T13:43:34 PreemptTime={preempt_time}\n"
+    assert slurm.job_ending("12", run=FakeSlurm({("scontrol", "show", "job", "12"): info})) == expected
+    assert slurm.job_ending("12", run=FakeSlurm({("scontrol",): None})) is None  # no answer: runs on

@@ -22,6 +22,7 @@
 #   GPUPACK_SLURM_START_TIMEOUT [30]  seconds to wait for the node to become usable
 #   GPUPACK_SLURM_SELECT [CR_Core]  SelectTypeParameters (CR_Core_Memory: memory is consumable)
 #   GPUPACK_SLURM_CONF_EXTRA []     more slurm.conf lines (e.g. "DefMemPerCPU=1000")
+#   GPUPACK_SLURM_GRACETIME [10]    seconds a job preempted by one in partition "urgent" has to go
 set -euo pipefail
 
 source "$(dirname "$0")/common.sh"
@@ -42,6 +43,7 @@ SLURMD_PORT=${GPUPACK_SLURM_SLURMD_PORT:-6818}
 TIMEOUT=${GPUPACK_SLURM_START_TIMEOUT:-30}
 SELECT=${GPUPACK_SLURM_SELECT:-CR_Core}
 EXTRA=${GPUPACK_SLURM_CONF_EXTRA:-}
+GRACETIME=${GPUPACK_SLURM_GRACETIME:-10}
 CTLD_HOST=$(hostname -s)
 if [[ $NODES -eq 1 ]]; then
     NODE_NAMES=("$CTLD_HOST")
@@ -136,7 +138,12 @@ MinJobAge=300
 MailProg=/bin/true
 $EXTRA
 NodeName=$NODE_SET ${node_host}NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=${mem_mb:-1000} $gres_node State=UNKNOWN
-PartitionName=debug Nodes=$NODE_SET Default=YES MaxTime=INFINITE State=UP
+# A job in "urgent" preempts jobs in "debug" (the default) that hold what it needs: they get
+# SIGTERM with GraceTime to go, then are requeued (tests/test_slurm_cluster.py, preemption).
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=$NODE_SET Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACETIME
+PartitionName=urgent Nodes=$NODE_SET MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 CONF
 }
 render_gres_conf() {
